@@ -1,0 +1,199 @@
+"""The artifact contract: one safetensors file per step, validated on read, written atomically.
+
+Metadata (safetensors' string -> string map):
+
+- ``nfm.format``: integer version of this contract (``FORMAT``),
+- ``nfm.kind``: ``checkpoint`` | ``hessian-diag`` | ``measures``,
+- every other ``nfm.<key>``: a JSON value (config, progress, metrics, parents, result, ...).
+
+The content hash of an artifact is the SHA-256 of its bytes; derived artifacts record their
+parents' hashes under ``nfm.parents`` so a step can refuse mismatched inputs.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from nfm_cli.errors import NfmError
+
+FORMAT = 1
+KINDS = ("checkpoint", "hessian-diag", "measures")
+_PREFIX = "nfm."
+
+
+@dataclass
+class Artifact:
+    """A validated artifact: its kind, decoded metadata, tensors (CPU) and content hash."""
+
+    path: Path
+    kind: str
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    sha256: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # metadata keys outside the nfm. namespace
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, or an error naming the file when it is missing."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise NfmError(f"{self.kind} file has no tensor {name!r} (truncated or edited?)", self.path) from None
+
+    def require(self, key: str, kinds: type | tuple[type, ...] = object) -> Any:
+        """The metadata value ``key`` (without the ``nfm.`` prefix), checked to be of ``kinds``."""
+        if key not in self.meta:
+            raise NfmError(f"{self.kind} file has no metadata entry nfm.{key}", self.path)
+        value = self.meta[key]
+        if not isinstance(value, kinds) or isinstance(value, bool) and kinds in (int, float, (int, float)):
+            raise NfmError(f"{self.kind} file has a malformed nfm.{key} entry", self.path)
+        return value
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = None) -> Artifact:
+    """Read and validate ``path``; ``kind`` restricts the accepted kinds. Raises ``NfmError``."""
+    path = Path(path)
+    wanted = (kind,) if isinstance(kind, str) else (tuple(kind) if kind is not None else KINDS)
+    label = " or ".join(wanted)
+    if not path.exists():
+        hint = " (a broken symlink)" if path.is_symlink() else ""
+        raise NfmError(f"no such file{hint}; expected a {label} file", path)
+    if path.is_dir():
+        raise NfmError(f"is a directory, not a {label} file", path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NfmError(f"cannot read: {exc.strerror or exc}", path) from None
+    if not data:
+        raise NfmError(f"is empty, not a {label} file", path)
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or header_len > len(data) - 8:
+            raise ValueError("header runs past the end of the file")
+        raw_meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error types; any failure means "not valid"
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise NfmError(f"not a valid safetensors file (truncated or corrupt: {reason})", path) from None
+    if not isinstance(raw_meta, dict) or _PREFIX + "kind" not in raw_meta:
+        raise NfmError(f"is a safetensors file but not an nfm artifact (no nfm.kind); expected a {label} file", path)
+    found = raw_meta.get(_PREFIX + "kind")
+    fmt = raw_meta.get(_PREFIX + "format")
+    if fmt != str(FORMAT):
+        raise NfmError(f"has nfm.format {fmt!r}, this nfm reads format {FORMAT}", path)
+    if found not in wanted:
+        raise NfmError(f"is a {found!r} file, expected a {label} file", path)
+    meta: dict[str, Any] = {}
+    extra: dict[str, str] = {}
+    for key, value in raw_meta.items():
+        if not key.startswith(_PREFIX):
+            extra[key] = value
+        elif key not in (_PREFIX + "kind", _PREFIX + "format"):
+            try:
+                meta[key[len(_PREFIX):]] = json.loads(value)
+            except (TypeError, ValueError):
+                raise NfmError(f"metadata entry {key} is not valid JSON (corrupt file)", path) from None
+    return Artifact(path, found, meta, tensors, content_hash(data), extra)
+
+
+def peek_kind(path: str | os.PathLike) -> str | None:
+    """The ``nfm.kind`` of an existing file, or None if it is not a readable nfm artifact."""
+    try:
+        return read_artifact(path).kind
+    except NfmError:
+        return None
+
+
+def serialize(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> bytes:
+    """The exact bytes ``write_artifact`` puts on disk (used for hashing before writing)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    metadata = {_PREFIX + "format": str(FORMAT), _PREFIX + "kind": kind}
+    for key, value in meta.items():
+        metadata[_PREFIX + key] = json.dumps(value, sort_keys=True, allow_nan=False)
+    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    # safetensors refuses tensors that share storage; give each its own
+    flat = {name: (t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t)
+            for name, t in flat.items()}
+    return save_safetensors(flat, metadata=metadata)
+
+
+def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
+                   meta: dict[str, Any]) -> str:
+    """Write atomically: temp file in the same folder, fsync, rename, fsync the folder.
+
+    An existing file at ``path`` is replaced only once the new one is complete; on any failure
+    (disk full, read-only folder, ...) it is left untouched and the temp file removed.
+    Returns the content hash of what was written.
+    """
+    path = Path(path)
+    data = serialize(tensors, kind, meta)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise NfmError(f"output folder {str(folder)!r} does not exist; create it first", path)
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise NfmError(_describe_write_error(exc) + "; any previous file there is untouched", path) from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+    return content_hash(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _describe_write_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "cannot write: no space left on the device"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write: the output folder is read-only or not writable ({exc.strerror})"
+    if exc.errno == errno.EISDIR:
+        return "cannot write: the output path is a directory"
+    return f"cannot write: {exc.strerror or exc}"
+
+
+def describe_artifact(path: str | os.PathLike) -> dict[str, Any]:
+    """A summary of any nfm artifact for ``nfm inspect``: kind, hash, metadata, tensor list,
+    and the names of floating tensors holding NaN/inf (a diverged run shows up here)."""
+    art = read_artifact(path)
+    tensors = {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+               for name, t in art.tensors.items()}
+    nonfinite = [name for name, t in art.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    return {"path": str(art.path), "kind": art.kind, "format": FORMAT, "sha256": art.sha256,
+            "meta": art.meta, "tensors": tensors, "nonfinite_tensors": nonfinite}

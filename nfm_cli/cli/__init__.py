@@ -1,0 +1,88 @@
+"""The ``nfm`` command line: a thin typer layer over the core modules.
+
+Each command parses its options, calls one core function and renders the result (rich tables and
+progress bars on stderr, the written path or JSON on stdout). Every failure the user can fix is an
+``NfmError`` shown as one line on stderr with a non-zero exit; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+from typer._click import exceptions as click_exceptions
+
+from nfm_cli import __version__
+from nfm_cli.errors import NfmError
+
+app = typer.Typer(
+    name="nfm",
+    help="Normalized sharpness (Tsuzuku, Sato & Sugiyama, ICML 2020) of trained networks: "
+         "train with random labels, compute Hessian diagonals, solve for the per-row/column "
+         "variances, and report which flatness measure tracks the generalization gap.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nfm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+) -> None:
+    """Global options (give them before the command, e.g. ``nfm --debug train ...``)."""
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write("nfm: error: " + " ".join(message.split()) + "\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the ``nfm`` script and ``python -m nfm_cli``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("NFM_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="nfm", standalone_mode=False)
+    except NfmError as err:
+        if debug:
+            raise
+        _fail(str(err), EXIT_ERROR)
+    except click_exceptions.UsageError as err:
+        if debug:
+            raise
+        where = f"nfm {err.ctx.info_name} --help" if err.ctx is not None and err.ctx.parent else "nfm --help"
+        _fail(f"{err.format_message()} (see {where})", EXIT_USAGE)
+    except click_exceptions.ClickException as err:
+        if debug:
+            raise
+        _fail(err.format_message(), err.exit_code or EXIT_ERROR)
+    except (click_exceptions.Abort, KeyboardInterrupt):
+        _fail("interrupted; rerun the same command to resume where it stopped", 130)
+    except BrokenPipeError:
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # an nfm bug, not the user's: still one line unless --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        _fail(f"internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# Commands register themselves on ``app`` when imported.
+from nfm_cli.cli import inspect_cmd, train_cmd  # noqa: E402,F401

@@ -1,0 +1,53 @@
+"""``nfm train``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from nfm_cli.cli import app
+from nfm_cli.cli.render import console, progress_bar
+from nfm_cli.training import TrainConfig, train
+
+
+@app.command("train")
+def train_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (safetensors). An incomplete one "
+                             "with the same config is resumed; a complete one is left alone."),
+    model: str = typer.Option("mlp", help="Model from the registry: mlp, lenet, wrn16-4."),
+    dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, cifar10 or synthetic."),
+    random_ratio: float = typer.Option(0.0, "--random-ratio", help="Fraction of training labels replaced by "
+                                       "uniformly random ones (Sec. 6.1), in [0, 1]."),
+    epochs: int = typer.Option(50, help="Epochs to train (Appendix E: 50 on MNIST)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Minibatch size."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate (default betas, no weight decay)."),
+    seed: int = typer.Option(0, help="Seed for init, subset, random labels and shuffling."),
+    width: Optional[int] = typer.Option(None, help="Hidden width of the mlp (default 512)."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", help="Seeded subset of the training split."),
+    test_size: Optional[int] = typer.Option(None, "--test-size", help="Seeded subset of the test split for "
+                                            "the test accuracy (default: all)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the dataset files (searched "
+                                            "before $NFM_DATA and /usr/share/datasets/<name>)."),
+    download: bool = typer.Option(False, "--download", help="Allow torchvision to download the dataset."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint at --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a model with part of the labels randomized (Sec. 6.1, Appendix E) and checkpoint every epoch.
+
+    Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
+    """
+    config = TrainConfig(model=model, dataset=dataset, width=width, random_ratio=random_ratio, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, test_size=test_size,
+                         data_dir=str(data_dir) if data_dir else None)
+    with progress_bar(quiet) as progress:
+        result = train(config, out, device=device, force=force, download=download, progress=progress)
+    m = result.metrics
+    if result.status == "already complete":
+        console.print(f"{out}: already complete ({result.epochs_done} epochs); use --force to retrain")
+    elif not quiet:
+        console.print(f"{result.status} {result.epochs_done} epochs in {result.wall_time:.1f}s: "
+                      f"train acc {m.get('train_acc', float('nan')):.4f}, test acc {m.get('test_acc', float('nan')):.4f}, "
+                      f"gap {m.get('gap', float('nan')):.4f}")
+    typer.echo(str(out))

@@ -1,0 +1,24 @@
+"""Progress reporting from the core to whoever renders it (the CLI draws rich progress bars)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class ProgressEvent:
+    """``done`` of ``total`` units of ``task`` (e.g. "epoch 3/50", "samples") with extra fields to show."""
+
+    task: str
+    done: int
+    total: int
+    info: dict = field(default_factory=dict)
+
+
+ProgressFn = Optional[Callable[[ProgressEvent], None]]
+
+
+def report(progress: ProgressFn, task: str, done: int, total: int, **info) -> None:
+    """Send one event if a callback was given."""
+    if progress is not None:
+        progress(ProgressEvent(task, done, total, info))

@@ -1,0 +1,242 @@
+"""``nfm train``: Adam on (possibly partly random) labels, checkpointed every epoch, exactly resumable.
+
+Appendix E of the paper: Adam with default betas, no weight decay, no augmentation, cross-entropy.
+Sec. 6.1: a seeded fraction of the training labels is replaced by uniformly random ones; the labels
+actually trained on are stored in the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import models
+from nfm_cli.artifacts import read_artifact, write_artifact
+from nfm_cli.checkpoint import model_from_spec
+from nfm_cli.data import dataset_info, load_split, randomize_labels, subset_indices
+from nfm_cli.devices import resolve_device
+from nfm_cli.errors import NfmError
+from nfm_cli.progress import ProgressFn, report
+from nfm_cli.rng import derive_seed, keyed_generator
+
+EVAL_BATCH = 1024
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the trained weights (``data_dir`` only says where the data is)."""
+
+    model: str = "mlp"
+    dataset: str = "fashion-mnist"
+    width: int | None = None
+    random_ratio: float = 0.0
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    train_size: int | None = None
+    test_size: int | None = None
+    data_dir: str | None = None
+
+    # fields that may differ between a run and its resumption
+    NON_IDENTITY = ("data_dir", "epochs")
+
+    def validate(self) -> None:
+        if self.model not in models.names():
+            raise NfmError(f"unknown model {self.model!r}; valid models: {', '.join(models.names())}")
+        dataset_info(self.dataset)
+        if not 0.0 <= self.random_ratio <= 1.0 or math.isnan(self.random_ratio):
+            raise NfmError(f"--random-ratio must be in [0, 1], not {self.random_ratio}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(self, name)}")
+        for name in ("train_size", "test_size", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NfmError(f"--lr must be a positive number, not {self.lr}")
+        if self.width is not None and self.model != "mlp":
+            raise NfmError(f"--width applies to the mlp model only, not {self.model}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_json().items() if k not in self.NON_IDENTITY}
+
+    def model_spec(self) -> dict[str, Any]:
+        info = dataset_info(self.dataset)
+        args: dict[str, Any] = {"in_channels": info.in_channels, "image_size": info.image_size,
+                                "num_classes": info.num_classes}
+        if self.width is not None:
+            args["width"] = self.width
+        return {"name": self.model, "args": args}
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    status: str  # "trained", "resumed", "already complete"
+    epochs_done: int
+    metrics: dict[str, Any]
+    wall_time: float
+
+
+def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", force: bool = False,
+          download: bool = False, progress: ProgressFn = None) -> TrainResult:
+    """Train (or resume training) and checkpoint to ``out`` after every epoch.
+
+    An incomplete checkpoint at ``out`` with the same config is resumed from its last epoch; a
+    complete one is left alone unless ``force``; one with another config or kind is refused.
+    Epochs may be raised on an existing run: epoch e's randomness depends only on (seed, e).
+    """
+    config.validate()
+    out = Path(out)
+    if out.is_dir():
+        raise NfmError("output path is a directory; give a file name such as run.safetensors", out)
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise NfmError(f"output folder {str(out.parent)!r} does not exist; create it first", out)
+    dev = resolve_device(device)
+    spec = config.model_spec()
+
+    previous = None if force or not out.exists() else _previous_run(out, config)
+    if previous is not None and previous["progress"]["epochs_done"] >= config.epochs:
+        return TrainResult(out, "already complete", previous["progress"]["epochs_done"],
+                           previous["metrics"], previous["wall_time"])
+
+    train_split = load_split(config.dataset, True, config.data_dir, download)
+    test_split = load_split(config.dataset, False, config.data_dir, download)
+    indices = subset_indices(len(train_split), config.train_size, config.seed)
+    labels = randomize_labels(train_split.y[indices], config.random_ratio, spec["args"]["num_classes"], config.seed)
+    test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
+    x_train, y_train = train_split.x[indices].to(dev), labels.to(dev)
+    x_test, y_test = test_split.x[test_idx].to(dev), test_split.y[test_idx].to(dev)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        model = model_from_spec(spec)
+    model.to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch, history, wall = 0, [], 0.0
+    if previous is not None:
+        start_epoch, history, wall = _restore(previous, model, optimizer, indices, labels, out, dev)
+
+    n = len(y_train)
+    batches = math.ceil(n / config.batch_size)
+    metrics: dict[str, Any] = previous["metrics"] if previous else {}
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=keyed_generator(config.seed, "epoch", epoch)).to(dev)
+        running = torch.zeros((), device=dev)
+        for b in range(batches):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach() * len(idx)
+            report(progress, "batch", b + 1, batches, epoch=epoch + 1, epochs=config.epochs)
+        metrics = _evaluate(model, x_train, y_train, x_test, y_test)
+        metrics["epoch_loss"] = float(running) / n
+        metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        if any(v is None for v in metrics.values()):
+            metrics["diverged"] = True
+        history.append(dict(metrics, epoch=epoch + 1))
+        wall += time.perf_counter() - t0
+        _save(out, config, spec, model, optimizer, indices, labels, epoch + 1, metrics, history, wall)
+        report(progress, "epoch", epoch + 1, config.epochs, loss=metrics["epoch_loss"],
+               train_acc=metrics["train_acc"], test_acc=metrics["test_acc"])
+        if metrics.get("diverged"):
+            raise NfmError(f"training diverged at epoch {epoch + 1} (loss is NaN/inf); the checkpoint "
+                           "records it; try a smaller --lr", out)
+    return TrainResult(out, "resumed" if previous else "trained", config.epochs, metrics, wall)
+
+
+@torch.no_grad()
+def _evaluate(model, x_train, y_train, x_test, y_test) -> dict[str, float]:
+    model.eval()
+    result = {}
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(y), EVAL_BATCH):
+            logits = model(x[start:start + EVAL_BATCH])
+            target = y[start:start + EVAL_BATCH]
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(1) == target).sum())
+        result[f"{split}_loss"] = loss_sum / len(y)
+        result[f"{split}_acc"] = correct / len(y)
+    result["gap"] = result["train_acc"] - result["test_acc"]
+    return result
+
+
+def _previous_run(out: Path, config: TrainConfig) -> dict[str, Any]:
+    art = read_artifact(out, ("checkpoint", "hessian-diag", "measures"))
+    if art.kind != "checkpoint":
+        raise NfmError(f"exists and is a {art.kind} file, not a checkpoint; choose another --out", out)
+    old = art.require("config", dict)
+    new = config.identity()
+    diff = [k for k in new if old.get(k) != new[k]]
+    if diff:
+        k = diff[0]
+        raise NfmError(f"exists with another config ({k}: {old.get(k)!r} there, {new[k]!r} now); "
+                       "use --force to overwrite it or choose another --out", out)
+    prog = art.require("progress", dict)
+    if prog.get("epochs_done", 0) > config.epochs:
+        raise NfmError(f"already has {prog['epochs_done']} epochs, more than --epochs {config.epochs}; "
+                       "use --force to retrain or choose another --out", out)
+    if (art.meta.get("metrics") or {}).get("diverged"):
+        raise NfmError("holds a run that diverged; use --force to retrain it", out)
+    return {"art": art, "progress": prog, "metrics": art.meta.get("metrics") or {},
+            "history": art.meta.get("history") or [], "wall_time": float(art.meta.get("wall_time") or 0.0),
+            "optimizer": art.require("optimizer", dict)}
+
+
+def _restore(previous, model, optimizer, indices, labels, out, dev):
+    art = previous["art"]
+    if not (torch.equal(art.tensor("data.indices"), indices) and torch.equal(art.tensor("data.labels"), labels)):
+        raise NfmError("exists but its training data differs from what this config draws "
+                       "(dataset files changed?); use --force or another --out", out)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in art.tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in art.tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = tensor
+        optimizer.load_state_dict({"state": state, "param_groups": previous["optimizer"]["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise NfmError(f"cannot resume from it: {str(exc).splitlines()[0][:120]}; use --force", out) from None
+    model.to(dev)
+    return previous["progress"]["epochs_done"], list(previous["history"]), previous["wall_time"]
+
+
+def _save(out, config, spec, model, optimizer, indices, labels, epochs_done, metrics, history, wall):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors["data.indices"] = indices
+    tensors["data.labels"] = labels
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    from nfm_cli import __version__
+    meta = {
+        "config": config.to_json(),
+        "model": spec,
+        "progress": {"epochs_done": epochs_done, "epochs": config.epochs,
+                     "complete": epochs_done >= config.epochs},
+        "metrics": dict(metrics, random_ratio=config.random_ratio),
+        "history": history,
+        "optimizer": {"name": "adam", "param_groups": opt["param_groups"]},
+        "wall_time": wall,
+        "version": __version__,
+    }
+    write_artifact(out, tensors, "checkpoint", meta)
