@@ -27,6 +27,10 @@ from nfm_cli.progress import ProgressFn, report
 from nfm_cli.rng import derive_seed, keyed_generator
 
 EVAL_BATCH = 1024
+# --width / --depth map to these constructor arguments (mlp: hidden width and hidden layers;
+# wrn16-4: width factor k and total depth 6n+4, e.g. --depth 10 --width 1 for a tiny WRN-10-1)
+_SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
+              "wrn16-4": {"width": "widen_factor", "depth": "depth"}}
 
 
 @dataclass
@@ -36,6 +40,7 @@ class TrainConfig:
     model: str = "mlp"
     dataset: str = "fashion-mnist"
     width: int | None = None
+    depth: int | None = None
     random_ratio: float = 0.0
     epochs: int = 50
     batch_size: int = 128
@@ -57,14 +62,19 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(self, name)}")
-        for name in ("train_size", "test_size", "width"):
+        for name in ("train_size", "test_size", "width", "depth"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise NfmError(f"--lr must be a positive number, not {self.lr}")
-        if self.width is not None and self.model != "mlp":
-            raise NfmError(f"--width applies to the mlp model only, not {self.model}")
+        for name in ("width", "depth"):
+            if getattr(self, name) is not None and self.model not in _SIZE_ARGS:
+                raise NfmError(f"--{name} applies to {' and '.join(_SIZE_ARGS)} only, not {self.model}")
+        try:
+            model_from_spec(self.model_spec())
+        except (TypeError, ValueError) as exc:
+            raise NfmError(f"cannot build {self.model}: {exc}") from None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,8 +86,9 @@ class TrainConfig:
         info = dataset_info(self.dataset)
         args: dict[str, Any] = {"in_channels": info.in_channels, "image_size": info.image_size,
                                 "num_classes": info.num_classes}
-        if self.width is not None:
-            args["width"] = self.width
+        for name in ("width", "depth"):
+            if getattr(self, name) is not None:
+                args[_SIZE_ARGS[self.model][name]] = getattr(self, name)
         return {"name": self.model, "args": args}
 
 

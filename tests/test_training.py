@@ -89,7 +89,8 @@ def test_complete_run_is_left_alone_unless_forced(tiny_checkpoint, tmp_path):
     (dict(epochs=0), "epochs must be a positive integer"),
     (dict(batch_size=0), "batch-size must be a positive integer"),
     (dict(lr=0.0), "lr must be a positive number"),
-    (dict(model="lenet", width=8), "--width applies to the mlp model only"),
+    (dict(model="lenet", width=8), "--width applies to mlp and wrn16-4 only"),
+    (dict(model="wrn16-4", width=None, depth=11), "depth must be 6n"),
 ])
 def test_impossible_options(tmp_path, overrides, match):
     with pytest.raises(NfmError, match=match):

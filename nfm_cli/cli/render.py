@@ -17,7 +17,7 @@ console = Console(stderr=True)
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return str(value)
 
 
@@ -27,7 +27,7 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
     if quiet:
         yield None
         return
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                     console=console, transient=False)
     tasks: dict[str, Any] = {}
@@ -35,7 +35,7 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
 
     def on_event(event: ProgressEvent) -> None:
         info = " ".join(f"{k}={_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",) and v is not None)
-        label = event.task
+        label = "epochs" if event.task == "epoch" else event.task
         if event.task == "batch" and "epoch" in event.info:
             label = f"epoch {event.info['epoch']}/{event.info.get('epochs', '?')}"
         if event.task not in tasks:

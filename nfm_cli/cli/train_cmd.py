@@ -23,7 +23,8 @@ def train_command(
     batch_size: int = typer.Option(128, "--batch-size", help="Minibatch size."),
     lr: float = typer.Option(1e-3, help="Adam learning rate (default betas, no weight decay)."),
     seed: int = typer.Option(0, help="Seed for init, subset, random labels and shuffling."),
-    width: Optional[int] = typer.Option(None, help="Hidden width of the mlp (default 512)."),
+    width: Optional[int] = typer.Option(None, help="mlp: hidden width (default 512); wrn16-4: width factor k (4)."),
+    depth: Optional[int] = typer.Option(None, help="mlp: hidden layers (default 3); wrn16-4: depth 6n+4 (16)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Seeded subset of the training split."),
     test_size: Optional[int] = typer.Option(None, "--test-size", help="Seeded subset of the test split for "
                                             "the test accuracy (default: all)."),
@@ -38,7 +39,7 @@ def train_command(
 
     Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
     """
-    config = TrainConfig(model=model, dataset=dataset, width=width, random_ratio=random_ratio, epochs=epochs,
+    config = TrainConfig(model=model, dataset=dataset, width=width, depth=depth, random_ratio=random_ratio, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, test_size=test_size,
                          data_dir=str(data_dir) if data_dir else None)
     with progress_bar(quiet) as progress:
