@@ -66,13 +66,25 @@ class Checkpoint:
         if int(self.indices.max()) >= len(split):
             raise NfmError(f"checkpoint indexes sample {int(self.indices.max())} but the "
                            f"{self.config['dataset']} training split has {len(split)}", self.path)
-        return split.x[self.indices].to(device), self.labels.to(device)
+        x = split.x[self.indices]
+        recorded = (self.artifact.meta.get("data") or {}).get("inputs_sha256")
+        if recorded is not None and recorded != tensor_hash(x):
+            raise NfmError(f"the {self.config['dataset']} files found now differ from those it was trained on "
+                           "(another copy or version of the dataset?); point --data-dir at the original files",
+                           self.path)
+        return x.to(device), self.labels.to(device)
 
     def test_tensors(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The test split (or its seeded subset, as used for the test accuracy)."""
         split = self._split(False)
         idx = subset_indices(len(split), self.config.get("test_size"), self.config["seed"], "test-subset")
         return split.x[idx].to(device), split.y[idx].to(device)
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (CPU, contiguous): the fingerprint of the training inputs."""
+    import hashlib
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:

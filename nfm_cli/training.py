@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import models
 from nfm_cli.artifacts import read_artifact, write_artifact
-from nfm_cli.checkpoint import model_from_spec
+from nfm_cli.checkpoint import model_from_spec, tensor_hash
 from nfm_cli.data import dataset_info, load_split, randomize_labels, subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
@@ -128,6 +128,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
     indices = subset_indices(len(train_split), config.train_size, config.seed)
     labels = randomize_labels(train_split.y[indices], config.random_ratio, spec["args"]["num_classes"], config.seed)
     test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
+    inputs_hash = tensor_hash(train_split.x[indices])
     x_train, y_train = train_split.x[indices].to(dev), labels.to(dev)
     x_test, y_test = test_split.x[test_idx].to(dev), test_split.y[test_idx].to(dev)
 
@@ -139,6 +140,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
     start_epoch, history, wall = 0, [], 0.0
     if previous is not None:
         start_epoch, history, wall = _restore(previous, model, optimizer, indices, labels, out, dev)
+        if previous["art"].meta.get("data", {}).get("inputs_sha256") != inputs_hash:
+            raise NfmError("exists but was trained on other input data (dataset files changed?); "
+                           "use --force or another --out", out)
 
     n = len(y_train)
     batches = math.ceil(n / config.batch_size)
@@ -163,7 +167,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
             metrics["diverged"] = True
         history.append(dict(metrics, epoch=epoch + 1))
         wall += time.perf_counter() - t0
-        _save(out, config, spec, model, optimizer, indices, labels, epoch + 1, metrics, history, wall)
+        _save(out, config, spec, model, optimizer, indices, labels, epoch + 1, metrics, history, wall,
+              inputs_hash)
         report(progress, "epoch", epoch + 1, config.epochs, loss=metrics["epoch_loss"],
                train_acc=metrics["train_acc"], test_acc=metrics["test_acc"])
         if metrics.get("diverged"):
@@ -230,7 +235,7 @@ def _restore(previous, model, optimizer, indices, labels, out, dev):
     return previous["progress"]["epochs_done"], list(previous["history"]), previous["wall_time"]
 
 
-def _save(out, config, spec, model, optimizer, indices, labels, epochs_done, metrics, history, wall):
+def _save(out, config, spec, model, optimizer, indices, labels, epochs_done, metrics, history, wall, inputs_hash):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors["data.indices"] = indices
     tensors["data.labels"] = labels
@@ -248,6 +253,7 @@ def _save(out, config, spec, model, optimizer, indices, labels, epochs_done, met
         "history": history,
         "optimizer": {"name": "adam", "param_groups": opt["param_groups"]},
         "wall_time": wall,
+        "data": {"inputs_sha256": inputs_hash, "samples": len(labels)},
         "version": __version__,
     }
     write_artifact(out, tensors, "checkpoint", meta)

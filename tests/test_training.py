@@ -123,3 +123,16 @@ def test_corrupt_existing_output_is_refused_not_overwritten(tmp_path):
     with pytest.raises(NfmError, match="not a valid safetensors"):
         train(tiny_config(), out, device="cpu")
     assert out.read_bytes() == b"not a safetensors file at all"
+
+
+def test_changed_dataset_files_are_detected(tiny_checkpoint, monkeypatch):
+    import nfm_cli.checkpoint as checkpoint_module
+    from nfm_cli.data import Split, synthetic_split
+
+    def altered(name, train, data_dir=None, download=False):
+        split = synthetic_split(train)
+        return Split(split.x + 1e-3, split.y)
+
+    monkeypatch.setattr(checkpoint_module, "load_split", altered)
+    with pytest.raises(NfmError, match="differ from those it was trained on"):
+        load_checkpoint(tiny_checkpoint).training_tensors()

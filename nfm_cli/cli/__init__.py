@@ -85,4 +85,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 # Commands register themselves on ``app`` when imported.
-from nfm_cli.cli import inspect_cmd, train_cmd  # noqa: E402,F401
+from nfm_cli.cli import inspect_cmd, rescale_cmd, train_cmd  # noqa: E402,F401
