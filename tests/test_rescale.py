@@ -44,7 +44,7 @@ def test_rescaling_preserves_the_function(name, cfg, shape, modes):
 def test_layer_structure_found_by_tracing():
     lenet = models.build("lenet")
     pairs = weight_pairs(lenet)
-    assert [(p.first, p.second, p.flattened) for p in pairs] == [("0", "3", False), ("3", "7", True), ("7", "9", False)]
+    assert [(p.first, p.second, p.flattened) for p in pairs] == [("0", "3", False), ("3", "7", True), ("7", "9", False), ("9", "11", False)]
     wrn = models.build("wrn16-4", depth=10, widen_factor=1)
     assert weight_pairs(wrn) == []
     assert ("blocks.0.conv1", "blocks.0.bn2") in conv_bn_pairs(wrn)
