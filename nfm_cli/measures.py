@@ -1,0 +1,111 @@
+"""Flatness measures of one checkpoint from its Hessian diagonal(s): the normalized sharpness and its rivals.
+
+Per weight matrix (Linear ``[out, in]``; Conv ``[out, in, kh, kw]`` with h and W^2 summed over the
+kernel positions, Sec. 5.3), with h the Hessian diagonal of the ``normalized-ce`` loss (20)-(22)
+clipped at 0 (Algorithm 1) and lambda = 1/2:
+
+- ``normalized_sharpness``: sum over layers of S_l, the minimum of (17) (``variance.solve_layer``);
+- ``matrix_normalized_sharpness``: sum of 2 sqrt(||W||_F^2 H) (eq. 13 with the same lambda
+  convention, one sigma per matrix), so S_l <= its matrix-normalized value for every layer;
+- ``hessian_trace``: eq. (5), the sum of the raw diagonal over all parameters (of the ``ce``
+  Hessian when one is given, as in Sec. 6.2), and ``hessian_trace_weights`` over weight matrices only;
+- ``clipped_fraction``: the share of the diagonal's absolute mass over weight matrices that was
+  negative and clipped;
+- ``frobenius_norm_sq``: sum of squared Frobenius norms; ``spectral_norm_product``: product of the
+  spectral norms of the weight matrices (conv reshaped to out x in*kh*kw), also as its log;
+- ``params_left_out``: parameters outside weight matrices (biases, normalization; footnote 5).
+
+``fisher_rao_norm`` (eq. 25) needs per-sample gradients and comes from ``fisher_rao``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nfm_cli.errors import NfmError
+from nfm_cli.progress import ProgressFn, report
+from nfm_cli.variance import LayerSolution, matrix_normalized_layer, solve_layer, to_matrix
+
+WEIGHT_MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+METRIC_KEYS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
+
+
+def weight_matrices(model: nn.Module) -> dict[str, nn.Module]:
+    """``{parameter name of the weight: layer}`` for every Linear/Conv layer, in model order."""
+    return {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
+            if isinstance(module, WEIGHT_MATRIX_LAYERS)}
+
+
+@dataclass
+class Measures:
+    """The result object: JSON-able ``summary`` (totals, layers, metrics) and the sigma tensors."""
+
+    summary: dict[str, Any]
+    sigmas: dict[str, torch.Tensor]
+
+
+def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
+                     trace_hdiag: dict[str, torch.Tensor] | None = None, *, tol: float = 1e-10,
+                     max_iter: int = 10_000, progress: ProgressFn = None) -> Measures:
+    """All Hessian-based measures of ``model`` from ``hdiag`` (normalized-ce diagonal, raw) and
+    ``trace_hdiag`` (the diagonal whose trace is reported; defaults to ``hdiag``)."""
+    if not (tol > 0) or max_iter < 1:
+        raise NfmError(f"--tol must be positive and --max-iter at least 1 (got {tol}, {max_iter})")
+    trace_hdiag = hdiag if trace_hdiag is None else trace_hdiag
+    params = dict(model.named_parameters())
+    matrices = weight_matrices(model)
+    layers: dict[str, dict[str, Any]] = {}
+    sigmas: dict[str, torch.Tensor] = {}
+    totals = {"normalized_sharpness": 0.0, "matrix_normalized_sharpness": 0.0}
+    negative_mass = abs_mass = 0.0
+    log_spectral = 0.0
+    frob_sq = 0.0
+    for index, (name, layer) in enumerate(matrices.items()):
+        weight = params[name].detach().to("cpu", torch.float64)
+        h_raw = hdiag[name].to("cpu", torch.float64)
+        w2, h = to_matrix(weight, h_raw)
+        solution: LayerSolution = solve_layer(w2, h, tol=tol, max_iter=max_iter)
+        mnorm = matrix_normalized_layer(w2, h)
+        spectral = float(torch.linalg.matrix_norm(weight.reshape(weight.shape[0], -1), 2))
+        layer_frob = float(w2.sum())
+        neg = float(h_raw.clamp_max(0).abs().sum())
+        negative_mass += neg
+        abs_mass += float(h_raw.abs().sum())
+        frob_sq += layer_frob
+        log_spectral += math.log(spectral) if spectral > 0 else -math.inf
+        totals["normalized_sharpness"] += solution.value
+        totals["matrix_normalized_sharpness"] += mnorm
+        sigmas[f"sigma_row.{name}"] = solution.sigma_row
+        sigmas[f"sigma_col.{name}"] = solution.sigma_col
+        layers[name] = {
+            "type": type(layer).__name__, "shape": list(weight.shape),
+            "normalized_sharpness": solution.value, "matrix_normalized_sharpness": mnorm,
+            "hessian_trace": float(trace_hdiag[name].double().sum()),
+            "frobenius_norm_sq": layer_frob, "spectral_norm": spectral,
+            "clipped_fraction": neg / max(float(h_raw.abs().sum()), 1e-300),
+            "iterations": solution.iterations, "residual": solution.residual, "converged": solution.converged,
+            "degenerate_rows": solution.degenerate_rows, "degenerate_cols": solution.degenerate_cols,
+            "attained": solution.attained,
+        }
+        report(progress, "layers", index + 1, len(matrices), layer=name)
+    in_matrices = sum(params[name].numel() for name in matrices)
+    summary: dict[str, Any] = {
+        **totals,
+        "hessian_trace": float(sum(t.double().sum() for t in trace_hdiag.values())),
+        "hessian_trace_weights": float(sum(trace_hdiag[name].double().sum() for name in matrices)),
+        "clipped_fraction": negative_mass / abs_mass if abs_mass > 0 else 0.0,
+        "frobenius_norm_sq": frob_sq,
+        # a zero matrix makes the product 0 (log undefined: None); past float range: None, log kept
+        "spectral_norm_product": math.exp(log_spectral) if log_spectral < 709 else None,
+        "log_spectral_norm_product": log_spectral if math.isfinite(log_spectral) else None,
+        "weight_matrices": len(matrices),
+        "params_in_matrices": in_matrices,
+        "params_left_out": sum(p.numel() for p in params.values()) - in_matrices,
+        "converged": all(layer["converged"] for layer in layers.values()),
+        "layers": layers,
+    }
+    return Measures(summary, sigmas)
