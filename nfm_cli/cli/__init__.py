@@ -71,7 +71,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if debug:
             raise
         _fail(err.format_message(), err.exit_code or EXIT_ERROR)
-    except (click_exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted; rerun the same command to resume where it stopped", 130)
     except BrokenPipeError:
         sys.exit(EXIT_ERROR)
@@ -85,4 +85,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 # Commands register themselves on ``app`` when imported.
-from nfm_cli.cli import inspect_cmd, rescale_cmd, train_cmd  # noqa: E402,F401
+from nfm_cli.cli import inspect_cmd, report_cmd, rescale_cmd, train_cmd  # noqa: E402,F401

@@ -1,0 +1,287 @@
+"""``nfm report``'s core: read many measures files, correlate each flatness measure with the
+generalization gap, write the per-run table.
+
+A run is one measures file flattened into a dict: every top-level number of its ``nfm.result``
+(``normalized_sharpness``, ``hessian_trace``, ...), its metrics (``train_acc``, ``test_acc``, ``gap``,
+``random_ratio``, ``model``, ``dataset``, ``seed``, ...) and ``path``. Missing or null numbers are NaN.
+
+Correlations (Pearson r, Spearman rho, Kendall tau-b, with their two-sided p-values) come from
+``scipy.stats`` and use, per measure, only the runs where both the measure and y are finite; ``n``
+says how many. A correlation that is undefined (fewer than 3 such runs, or a constant measure or y)
+is NaN, never an error. Ties are handled by scipy (average ranks for Spearman, tau-b for Kendall).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from scipy import stats
+
+from nfm_cli.artifacts import read_artifact
+from nfm_cli.errors import NfmError
+from nfm_cli.progress import ProgressFn, report
+
+# Flatness / norm measures, in the order tables and CSV columns show them.
+MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "hessian_trace_weights",
+            "fisher_rao_norm", "frobenius_norm_sq", "spectral_norm_product", "log_spectral_norm_product")
+DEFAULT_MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm",
+                    "frobenius_norm_sq", "spectral_norm_product")
+# Other top-level numbers of a result (diagnostics, not flatness measures).
+DIAGNOSTICS = ("clipped_fraction", "weight_matrices", "params_in_matrices", "params_left_out", "converged")
+METRIC_NUMBERS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
+METRIC_LABELS = ("model", "dataset", "seed", "train_size", "epochs")
+CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
+DEFAULT_GROUP_BY = ("model", "dataset")
+
+STATS = ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p")
+
+
+def _number(value: Any) -> float:
+    """A float, NaN for null/absent/non-numeric (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def valid_columns(runs: Sequence[dict] = ()) -> list[str]:
+    """The numeric names ``--x``/``--y`` accept: the known measures, diagnostics and metrics, plus
+    any other number found in the given runs (a measure added by a later nfm)."""
+    known = list(MEASURES) + [c for c in DIAGNOSTICS if c != "converged"] + list(METRIC_NUMBERS)
+    extra = sorted({k for run in runs for k, v in run.items()
+                    if k not in known and k not in METRIC_LABELS and k not in ("path", "converged")
+                    and isinstance(v, float)})
+    return known + extra
+
+
+def check_names(measures: Iterable[str], y: str = "gap", runs: Sequence[dict] = ()) -> list[str]:
+    """Normalize (``-`` -> ``_``) and validate measure names and y; NfmError lists the valid ones."""
+    valid = valid_columns(runs)
+    names = [m.strip().replace("-", "_") for m in measures if m.strip()]
+    unknown = [m for m in names + [y.replace("-", "_")] if m not in valid]
+    if unknown:
+        raise NfmError(f"unknown measure {unknown[0]!r}; valid names: {', '.join(valid)}")
+    if not names:
+        raise NfmError(f"no measure given; valid names: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def load_run(path: str | os.PathLike, y: str = "gap") -> dict[str, Any]:
+    """One measures file as a flat run dict; NfmError (naming the file) if unusable."""
+    art = read_artifact(path, "measures")
+    result = art.meta.get("result")
+    if not isinstance(result, dict):
+        raise NfmError("measures file has no nfm.result entry (incomplete or made by an old nfm)", path)
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict):
+        raise NfmError("measures file has no metrics (train/test accuracy); remeasure it from its checkpoint",
+                       path)
+    if y not in metrics and y not in result:
+        raise NfmError(f"measures file has no {y!r} value", path)
+    run: dict[str, Any] = {}
+    for key, value in result.items():
+        if key in ("layers", "metrics"):
+            continue
+        if key == "converged":
+            run[key] = value if isinstance(value, bool) else None
+        elif value is None or isinstance(value, (int, float)):
+            run[key] = _number(value)
+    for key in MEASURES:  # absent (e.g. fisher_rao_norm from solve-variance) -> NaN
+        run.setdefault(key, math.nan)
+    for key, value in metrics.items():
+        if key in METRIC_LABELS:
+            run[key] = value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        elif value is None or isinstance(value, (int, float)):
+            run[key] = _number(value)
+    for key in METRIC_NUMBERS:
+        run.setdefault(key, math.nan)
+    for key in METRIC_LABELS:
+        run.setdefault(key, None)
+    if not math.isfinite(run.get(y, math.nan)):
+        raise NfmError(f"measures file has a non-finite {y!r} ({metrics.get(y, result.get(y))!r}; a diverged run?)",
+                       path)
+    run["path"] = str(path)
+    return run
+
+
+def load_runs(paths: Sequence[str | os.PathLike], y: str = "gap",
+              progress: ProgressFn = None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Read every measures file; returns (runs, skipped) with skipped = [(path, reason), ...].
+
+    Directories, missing, truncated, other-kind and incomplete files (no metrics, no or non-finite y)
+    are skipped with their reason; a path given twice is counted once. Raises NfmError only when
+    no usable file remains.
+    """
+    runs: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, path in enumerate(paths):
+        key = os.path.realpath(path)
+        if key in seen:
+            skipped.append((str(path), "given twice; counted once"))
+        else:
+            seen.add(key)
+            try:
+                runs.append(load_run(path, y))
+            except NfmError as err:
+                skipped.append((str(path), err.message))
+        report(progress, "read", i + 1, len(paths))
+    if not runs:
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise NfmError(f"no usable measures files among {len(paths)} given{first}")
+    return runs, skipped
+
+
+def column(runs: Sequence[dict], name: str) -> np.ndarray:
+    """The float64 values of ``name`` over ``runs`` (NaN where missing)."""
+    return np.array([_number(run.get(name)) for run in runs], dtype=np.float64)
+
+
+def correlations(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Pearson, Spearman and Kendall (tau-b) between x and y over the pairs where both are finite.
+
+    Returns ``n`` (pairs used), the statistics and p-values (NaN when undefined: n < 3 or a
+    constant side), and the ``min``/``max`` of x over those pairs (what min-max rescaling uses).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    out: dict[str, Any] = {"n": int(ok.sum())}
+    out.update({k: math.nan for k in STATS})
+    out["min"] = float(x.min()) if x.size else math.nan
+    out["max"] = float(x.max()) if x.size else math.nan
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    # Pearson is scale invariant: divide by max |.| first so huge values (spectral products) cannot overflow
+    xs, ys = x / np.abs(x).max(), y / np.abs(y).max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's near-constant/ties warnings: the NaN says it
+        for (r_key, p_key), fn, args in (
+                (("pearson_r", "pearson_p"), stats.pearsonr, (xs, ys)),
+                (("spearman_rho", "spearman_p"), stats.spearmanr, (x, y)),
+                (("kendall_tau", "kendall_p"), stats.kendalltau, (x, y))):
+            try:
+                res = fn(*args)
+                out[r_key], out[p_key] = float(res[0]), float(res[1])
+            except (ValueError, FloatingPointError):
+                pass
+    return out
+
+
+def _label(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def group_runs(runs: Sequence[dict], group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[tuple[dict, list[dict]]]:
+    """Split runs by the values of ``group_by`` (in first-seen order); () -> one group of all runs."""
+    allowed = METRIC_LABELS
+    bad = [g for g in group_by if g not in allowed]
+    if bad:
+        raise NfmError(f"cannot group by {bad[0]!r}; choose from {', '.join(allowed)} (or none)")
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_label(run.get(g)) for g in group_by), []).append(run)
+    return [(dict(zip(group_by, key)), members) for key, members in groups.items()]
+
+
+def correlation_table(runs: Sequence[dict], measures: Sequence[str] = DEFAULT_MEASURES, y: str = "gap",
+                      group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[dict[str, Any]]:
+    """Per group: ``{"group": {"model": ..., "dataset": ...}, "n_runs": int,
+    "correlations": {measure: {"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p",
+    "kendall_tau", "kendall_p", "min", "max"}}}``."""
+    measures = check_names(measures, y, runs)
+    table = []
+    for group, members in group_runs(runs, group_by):
+        ys = column(members, y)
+        table.append({"group": group, "n_runs": len(members),
+                      "correlations": {m: correlations(column(members, m), ys) for m in measures}})
+    return table
+
+
+def minmax_rescale(values: Sequence[float]) -> np.ndarray:
+    """Rescale to [0, 1] by the min and max of the finite values, as the paper's scatter plots do.
+
+    Non-finite values stay NaN. When every finite value is the same (or there is only one), they all
+    map to 0.5 (the middle of the axis: "no spread", not "the smallest").
+    """
+    v = np.asarray(values, dtype=np.float64).copy()
+    ok = np.isfinite(v)
+    v[~ok] = np.nan
+    if not ok.any():
+        return v
+    lo, hi = float(v[ok].min()), float(v[ok].max())
+    if hi == lo:
+        v[ok] = 0.5
+        return v
+    if not math.isfinite(hi - lo):  # the range overflows float64 (e.g. -1e308..1e308): halve first
+        v, lo, hi = v / 2, lo / 2, hi / 2
+    v[ok] = (v[ok] - lo) / (hi - lo)
+    return v
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(handle)`` on a temp file in the destination folder, fsync, then rename onto ``path``.
+
+    A previous file at ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise NfmError(f"output folder {str(folder)!r} does not exist; create it first", path)
+    if path.is_dir():
+        raise NfmError("cannot write: the output path is a directory", path)
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as exc:
+        raise NfmError(f"cannot write: {exc.strerror or exc}; any previous file there is untouched", path) from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+    return path
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)
+    return str(value)
+
+
+def csv_columns(runs: Sequence[dict]) -> list[str]:
+    """The CSV header: the known columns, then any other key the runs carry (sorted), ``path`` last."""
+    extra = sorted({k for run in runs for k in run} - set(CSV_COLUMNS))
+    return list(CSV_COLUMNS[:-1]) + extra + ["path"]
+
+
+def write_csv(runs: Sequence[dict], path: str | os.PathLike) -> Path:
+    """One row per run; NaN/null cells are empty, floats written exactly (repr). Atomic."""
+    columns = csv_columns(runs)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    for run in runs:
+        writer.writerow([_csv_cell(run.get(c)) for c in columns])
+    data = text.getvalue().encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))

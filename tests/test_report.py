@@ -1,0 +1,267 @@
+"""``nfm report``: correlations against scipy, skipping bad files, CSV/JSON/plots, the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from nfm_cli.artifacts import write_artifact
+from nfm_cli.errors import NfmError
+from nfm_cli.report import (CSV_COLUMNS, DEFAULT_MEASURES, correlation_table, correlations, load_runs,
+                            minmax_rescale, write_csv)
+
+
+def make_result(gap: float | None, ratio: float, model: str = "mlp", dataset: str = "fashion-mnist", seed: int = 0,
+                **measures) -> dict:
+    base = {"normalized_sharpness": 1.0, "matrix_normalized_sharpness": 2.0, "hessian_trace": 3.0,
+            "hessian_trace_weights": 2.5, "fisher_rao_norm": 4.0, "frobenius_norm_sq": 5.0,
+            "spectral_norm_product": 6.0, "log_spectral_norm_product": math.log(6.0), "clipped_fraction": 0.01,
+            "weight_matrices": 3, "params_in_matrices": 120, "params_left_out": 12, "converged": True,
+            "layers": {"fc1.weight": {"normalized_sharpness": 0.5}}}
+    base.update(measures)
+    test_acc = None if gap is None else 1.0 - gap
+    base["metrics"] = {"train_acc": 1.0, "test_acc": test_acc, "gap": gap, "train_loss": 0.01, "test_loss": 1.5,
+                       "random_ratio": ratio, "model": model, "dataset": dataset, "seed": seed, "train_size": 256,
+                       "epochs": 3}
+    return base
+
+
+def write_measures(path, result: dict):
+    write_artifact(path, {"sigma_row.w": torch.ones(2)}, "measures", {"result": result})
+    return path
+
+
+def sweep(folder, n: int = 8, models=("mlp",)):
+    """n runs per model: normalized sharpness exactly linear in the gap, the Hessian trace monotone
+    (cubic) in it, the Frobenius norm constant, the Fisher-Rao norm null on every third run."""
+    paths = []
+    for model in models:
+        for i in range(n):
+            ratio = i / max(n - 1, 1)
+            gap = 0.05 + 0.8 * ratio + (0.01 * i if model == "mlp" else 0.02 * i)
+            result = make_result(gap, ratio, model=model, seed=i,
+                                 normalized_sharpness=10.0 + 3.0 * gap, hessian_trace=2.0 + gap ** 3,
+                                 frobenius_norm_sq=7.0, fisher_rao_norm=None if i % 3 == 0 else 1.0 + (i % 2),
+                                 spectral_norm_product=1e300 * (1 + i))
+            paths.append(write_measures(folder / f"{model}-{i}.safetensors", result))
+    return paths
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+def test_hand_computed_small_example():
+    c = correlations([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert c["n"] == 3
+    assert c["pearson_r"] == pytest.approx(0.5)  # cov 1 / sqrt(2 * 2)
+    assert c["spearman_rho"] == pytest.approx(0.5)
+    assert c["kendall_tau"] == pytest.approx(1 / 3)  # 2 concordant, 1 discordant pair
+    assert (c["min"], c["max"]) == (1.0, 3.0)
+
+
+def test_linear_and_monotone_measures_against_scipy():
+    rng = np.random.default_rng(0)
+    gap = rng.uniform(0, 1, 30)
+    lin = correlations(4.0 * gap - 2.0, gap)
+    assert lin["pearson_r"] == pytest.approx(1.0) and lin["spearman_rho"] == pytest.approx(1.0)
+    mono = correlations(np.exp(5 * gap), gap)
+    assert mono["spearman_rho"] == pytest.approx(1.0) and mono["kendall_tau"] == pytest.approx(1.0)
+    assert mono["pearson_r"] < 0.99
+    anti = correlations(-gap ** 3, gap)
+    assert anti["spearman_rho"] == pytest.approx(-1.0) and anti["kendall_tau"] == pytest.approx(-1.0)
+    x = gap + rng.normal(0, 0.3, 30)
+    c = correlations(x, gap)
+    for key, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
+        want = fn(x, gap)
+        stat = {"pearson": "pearson_r", "spearman": "spearman_rho", "kendall": "kendall_tau"}[key]
+        assert c[stat] == pytest.approx(want[0], rel=1e-12)
+        assert c[f"{key}_p"] == pytest.approx(want[1], rel=1e-9)
+
+
+def test_ties_constant_columns_nan_and_small_n():
+    x, y = [1.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]
+    c = correlations(x, y)
+    assert c["kendall_tau"] == pytest.approx(5 / math.sqrt(5 * 6))  # tau-b: C=5, D=0, one tie in x
+    assert c["spearman_rho"] == pytest.approx(stats.spearmanr(x, y)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scipy warning escapes either
+        const = correlations([7.0] * 5, [0.1, 0.2, 0.3, 0.4, 0.5])
+        const_y = correlations([1.0, 2.0, 3.0], [0.5, 0.5, 0.5])
+        two = correlations([1.0, 2.0], [1.0, 2.0])
+        gaps = correlations([1.0, math.nan, 3.0, math.inf, 5.0, 6.0], [1.0, 2.0, math.nan, 4.0, 5.0, 7.0])
+    for res in (const, const_y, two):
+        assert all(math.isnan(res[k]) for k in ("pearson_r", "pearson_p", "spearman_rho", "kendall_tau"))
+    assert const["n"] == 5 and two["n"] == 2
+    assert gaps["n"] == 3 and gaps["pearson_r"] == pytest.approx(stats.pearsonr([1, 5, 6], [1, 5, 7])[0])
+    huge = correlations([1e300, 2e300, 4e300], [1.0, 2.0, 4.0])  # no overflow inside Pearson
+    assert huge["pearson_r"] == pytest.approx(1.0)
+
+
+def test_minmax_rescale():
+    assert minmax_rescale([2.0, 4.0, 6.0]).tolist() == [0.0, 0.5, 1.0]
+    out = minmax_rescale([3.0, math.nan, 3.0, math.inf])
+    assert out[0] == out[2] == 0.5 and math.isnan(out[1]) and math.isnan(out[3])
+    assert np.allclose(minmax_rescale([-1e308, 0.0, 1e308]), [0.0, 0.5, 1.0])
+    assert np.isnan(minmax_rescale([math.nan])).all()
+
+
+# --- loading, grouping, CSV -------------------------------------------------------------------------
+
+def bad_files(tmp_path, good):
+    ckpt = tmp_path / "ckpt.safetensors"
+    write_artifact(ckpt, {"w": torch.zeros(2)}, "checkpoint", {"config": {}})
+    data = good.read_bytes()
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    no_metrics = make_result(0.1, 0.0)
+    del no_metrics["metrics"]
+    return {ckpt: "is a 'checkpoint' file", truncated: "not a valid safetensors file",
+            tmp_path / "absent.safetensors": "no such file", folder: "is a directory",
+            write_measures(tmp_path / "nometrics.safetensors", no_metrics): "no metrics",
+            write_measures(tmp_path / "nullgap.safetensors", make_result(None, 0.5)): "non-finite 'gap'"}
+
+
+def test_load_runs_skips_bad_files_with_reasons(tmp_path):
+    good = sweep(tmp_path, n=4)
+    bad = bad_files(tmp_path, good[0])
+    runs, skipped = load_runs(good + list(bad) + [good[0]])
+    assert [r["path"] for r in runs] == [str(p) for p in good]
+    reasons = dict(skipped)
+    for path, fragment in bad.items():
+        assert fragment in reasons[str(path)]
+    assert skipped[-1] == (str(good[0]), "given twice; counted once")
+    run = runs[1]
+    assert run["normalized_sharpness"] == pytest.approx(10.0 + 3.0 * run["gap"])
+    assert run["model"] == "mlp" and run["seed"] == 1 and run["converged"] is True
+    assert math.isnan(runs[0]["fisher_rao_norm"])  # null in the file
+    with pytest.raises(NfmError, match=r"no usable measures files among 2 given \(first: .*ckpt"):
+        load_runs([p for p in bad][:2])
+
+
+def test_correlation_table_groups_and_unknown_names(tmp_path):
+    runs, _ = load_runs(sweep(tmp_path, n=6, models=("mlp", "lenet")))
+    table = correlation_table(runs, DEFAULT_MEASURES)
+    assert [g["group"] for g in table] == [{"model": "mlp", "dataset": "fashion-mnist"},
+                                           {"model": "lenet", "dataset": "fashion-mnist"}]
+    for g in table:
+        corr = g["correlations"]
+        assert g["n_runs"] == 6 and list(corr) == list(DEFAULT_MEASURES)
+        assert corr["normalized_sharpness"]["pearson_r"] == pytest.approx(1.0)
+        assert corr["hessian_trace"]["kendall_tau"] == pytest.approx(1.0)
+        assert math.isnan(corr["frobenius_norm_sq"]["spearman_rho"])
+        assert corr["fisher_rao_norm"]["n"] == 4
+    whole = correlation_table(runs, ["normalized_sharpness"], group_by=())
+    assert len(whole) == 1 and whole[0]["group"] == {} and whole[0]["n_runs"] == 12
+    with pytest.raises(NfmError, match="unknown measure 'sharpness'; valid names: normalized_sharpness"):
+        correlation_table(runs, ["sharpness"])
+    with pytest.raises(NfmError, match="cannot group by 'colour'"):
+        correlation_table(runs, ["hessian_trace"], group_by=("colour",))
+
+
+def test_write_csv_columns_and_values(tmp_path):
+    runs, _ = load_runs(sweep(tmp_path, n=3))
+    out = write_csv(runs, tmp_path / "runs.csv")
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    header = out.read_text().splitlines()[0].split(",")
+    assert header == list(CSV_COLUMNS) and header[:4] == ["normalized_sharpness", "matrix_normalized_sharpness",
+                                                          "hessian_trace", "hessian_trace_weights"]
+    assert len(rows) == 3
+    for row, run in zip(rows, runs):
+        assert float(row["normalized_sharpness"]) == run["normalized_sharpness"]  # exact (repr)
+        assert float(row["gap"]) == run["gap"] and float(row["random_ratio"]) == run["random_ratio"]
+        assert row["model"] == "mlp" and row["dataset"] == "fashion-mnist" and row["path"] == run["path"]
+    assert rows[0]["fisher_rao_norm"] == "" and rows[1]["fisher_rao_norm"] == "2.0"
+    assert rows[0]["seed"] == "0" and rows[0]["converged"] == "true"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    with pytest.raises(NfmError, match="does not exist"):
+        write_csv(runs, tmp_path / "missing" / "runs.csv")
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+def test_scatter_plots_decode_with_the_expected_size(tmp_path):
+    from matplotlib.image import imread
+
+    from nfm_cli.plots import FIGURE1_PX, SCATTER_PX, scatter_plots
+
+    runs, _ = load_runs(sweep(tmp_path, n=5))
+    runs[0]["random_ratio"] = math.nan  # drawn grey, not dropped
+    out = tmp_path / "plots"
+    paths = scatter_plots(runs, ["normalized_sharpness", "frobenius_norm_sq"], out)
+    assert sorted(p.name for p in paths) == ["figure1.png", "frobenius_norm_sq.png", "normalized_sharpness.png"]
+    for path in paths:
+        image = imread(path)
+        width, height = FIGURE1_PX if path.name == "figure1.png" else SCATTER_PX
+        assert image.shape[:2] == (height, width)
+        assert image.std() > 0  # something was drawn
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".png")] == []
+    assert SCATTER_PX == (500, 400) and FIGURE1_PX == (1000, 400)
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+def test_cli_report_mixed_files_table_and_skips(cli, tmp_path):
+    good = sweep(tmp_path, n=5)
+    bad = bad_files(tmp_path, good[0])
+    res = cli("report", *good, *bad)
+    assert res.code == 0, res.err
+    assert "normalized_sharpness" in res.out and "model=mlp, dataset=fashion-mnist: 5 runs" in res.out
+    assert "spectral_norm_product" in res.out and "hessian_trace" in res.out
+    skipped = [line for line in res.err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == len(bad)
+    for path, fragment in bad.items():
+        assert any(line.startswith(f"skipped {path}: ") and fragment in line for line in skipped)
+    assert "5 of 11 files reported, 6 skipped" in res.err
+
+
+def test_cli_report_all_bad_is_one_error_line(cli, tmp_path):
+    good = sweep(tmp_path, n=1)
+    bad = bad_files(tmp_path, good[0])
+    res = cli("report", *bad)
+    assert res.code == 1 and res.out == ""
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nfm: error: no usable measures files among 6 given (first: ")
+    res = cli("report", good[0], "--x", "flatness")
+    assert res.code == 1 and "unknown measure 'flatness'; valid names:" in res.err
+    assert len(res.err.strip().splitlines()) == 1
+
+
+def test_cli_report_json_csv_plot_and_group_by(cli, tmp_path):
+    good = sweep(tmp_path, n=4, models=("mlp", "lenet"))
+    plots, table = tmp_path / "figs", tmp_path / "runs.csv"
+    res = cli("report", *good, tmp_path / "absent.safetensors", "--json", "--x", "normalized-sharpness,hessian_trace",
+              "--plot", plots, "--csv", table)
+    assert res.code == 0, res.err
+    data = json.loads(res.out)  # one JSON object and nothing else on stdout
+    assert set(data) == {"y", "group_by", "measures", "n_files", "n_runs", "groups", "skipped", "plots", "csv"}
+    assert data["y"] == "gap" and data["group_by"] == ["model", "dataset"]
+    assert data["measures"] == ["normalized_sharpness", "hessian_trace"]
+    assert data["n_files"] == 9 and data["n_runs"] == 8 and len(data["groups"]) == 2
+    assert data["skipped"] == [{"path": str(tmp_path / "absent.safetensors"),
+                                "reason": "no such file; expected a measures file"}]
+    corr = data["groups"][0]["correlations"]["normalized_sharpness"]
+    assert set(corr) == {"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p",
+                         "min", "max"}
+    assert corr["n"] == 4 and corr["pearson_r"] == pytest.approx(1.0)
+    assert sorted(p.split("/")[-1] for p in data["plots"]) == sorted(
+        f"{name}--{model}-fashion-mnist.png" for name in ("figure1", "normalized_sharpness", "hessian_trace")
+        for model in ("mlp", "lenet"))
+    assert all((plots / p.split("/")[-1]).is_file() for p in data["plots"])
+    assert data["csv"] == str(table) and len(table.read_text().splitlines()) == 9
+
+    one = json.loads(cli("report", *good, "--json", "--group-by", "none").out)
+    assert len(one["groups"]) == 1 and one["groups"][0]["n_runs"] == 8 and one["group_by"] == []
+    assert one["groups"][0]["correlations"]["frobenius_norm_sq"]["pearson_r"] is None  # NaN -> null
+    by_model = json.loads(cli("report", *good, "--json", "--group-by", "model").out)
+    assert [g["group"] for g in by_model["groups"]] == [{"model": "mlp"}, {"model": "lenet"}]
+
+    res = cli("report", *good, "--plot", tmp_path / "no" / "such")
+    assert res.code == 1 and "does not exist" in res.err
