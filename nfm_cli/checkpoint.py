@@ -38,6 +38,7 @@ class Checkpoint:
     indices: torch.Tensor
     labels: torch.Tensor
     data_dir: str | None = None
+    dtype: torch.dtype = torch.float32
     _split_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -72,13 +73,13 @@ class Checkpoint:
             raise NfmError(f"the {self.config['dataset']} files found now differ from those it was trained on "
                            "(another copy or version of the dataset?); point --data-dir at the original files",
                            self.path)
-        return x.to(device), self.labels.to(device)
+        return x.to(device=device, dtype=self.dtype), self.labels.to(device)
 
     def test_tensors(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The test split (or its seeded subset, as used for the test accuracy)."""
         split = self._split(False)
         idx = subset_indices(len(split), self.config.get("test_size"), self.config["seed"], "test-subset")
-        return split.x[idx].to(device), split.y[idx].to(device)
+        return split.x[idx].to(device=device, dtype=self.dtype), split.y[idx].to(device)
 
 
 def tensor_hash(t: torch.Tensor) -> str:
@@ -95,16 +96,17 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu") -> Checkpoint:
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Read, validate and rebuild a checkpoint; raises ``NfmError`` naming the file for any problem.
 
     ``data_dir`` overrides the folder recorded at training time when the data is needed.
+    ``dtype=torch.float64`` gives a float64 model and inputs (for measurements at full precision).
     """
     art = read_artifact(path, "checkpoint")
-    return checkpoint_from_artifact(art, data_dir, device)
+    return checkpoint_from_artifact(art, data_dir, device, dtype)
 
 
-def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu") -> Checkpoint:
+def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=torch.float32) -> Checkpoint:
     path = art.path
     config = art.require("config", dict)
     spec = art.require("model", dict)
@@ -135,7 +137,7 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu") -> Chec
             raise NfmError(f"tensor model.{key} contains NaN or inf (training diverged?); "
                            "this checkpoint cannot be measured", path)
     model.load_state_dict(state)
-    model.eval().to(device)
+    model.eval().to(device=device, dtype=dtype)
     indices, labels = art.tensor("data.indices"), art.tensor("data.labels")
     k = int(spec["args"].get("num_classes", 0))
     if indices.dtype != torch.int64 or labels.dtype != torch.int64 or indices.ndim != 1 or labels.shape != indices.shape:
@@ -148,4 +150,4 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu") -> Chec
         if isinstance(value, float) and not math.isfinite(value):
             raise NfmError(f"metric {name} is {value} (training diverged?)", path)
     return Checkpoint(path, art, model, config, spec, metrics, progress, indices, labels,
-                      str(data_dir) if data_dir else config.get("data_dir"))
+                      str(data_dir) if data_dir else config.get("data_dir"), dtype)

@@ -52,6 +52,6 @@ def fisher_rao_norm_of_checkpoint(ck: Checkpoint, *, device: torch.device | str 
     """Eq. (25) over the checkpoint's training set as trained (or the same seeded subset as
     ``hessian-diag --samples``)."""
     x, y = ck.training_tensors(device)
-    idx = subset_indices(len(y), samples, seed, "samples").to(y.device)
+    idx = subset_indices(len(y), samples, seed, "hessian-samples").to(y.device)  # as hessian-diag
     model = ck.model.to(device)
     return fisher_rao_norm(model, x[idx], y[idx], batch_size=batch_size, progress=progress)

@@ -189,9 +189,12 @@ def rescale_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mo
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise NfmError("--out must differ from the input checkpoint (rescale never overwrites it)", out)
-    ck: Checkpoint = load_checkpoint(checkpoint, data_dir=data_dir)
+    # rescale in float64 and round once when saving: every stored value is the correctly rounded
+    # rescaled value (rescaling in float32 compounds roundings the measures can pick up)
+    ck: Checkpoint = load_checkpoint(checkpoint, data_dir=data_dir, dtype=torch.float64)
     x, _ = ck.training_tensors()
     x = x[:CHECK_SAMPLES]
+    stored = {k: v.dtype for k, v in ck.artifact.tensors.items() if k.startswith("model.")}
     with torch.no_grad():
         before = ck.model(x)
     touched = rescale_model(ck.model, mode, alpha=alpha, random_range=random_range, seed=seed, pair=pair)
@@ -204,7 +207,7 @@ def rescale_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mo
                        "the factors are too extreme for float32, pick a smaller range", checkpoint)
     art = ck.artifact
     tensors = {k: v for k, v in art.tensors.items() if not k.startswith(("model.", "optim."))}
-    tensors.update({f"model.{k}": v for k, v in ck.model.state_dict().items()})
+    tensors.update({f"model.{k}": v.to(stored[f"model.{k}"]) for k, v in ck.model.state_dict().items()})
     meta: dict[str, Any] = dict(art.meta)
     meta.pop("optimizer", None)  # the Adam state no longer matches the weights
     meta["rescale"] = {"mode": mode, "alpha": alpha, "random_range": list(random_range) if random_range else None,

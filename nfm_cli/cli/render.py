@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nfm_cli.progress import ProgressEvent
 
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and pipes: wide enough for the tables, no wrapping of names
+    console = Console(stderr=True, width=140)
 
 
 def _fmt(value: Any) -> str:

@@ -1,0 +1,195 @@
+"""Benchmark of ``nfm hessian-diag --estimator exact`` against one gradient and BackPACK (issue 3).
+
+Trains (once; cached in --workdir) an MLP 784-512-512-512-10 and a LeNet on 2048 Fashion-MNIST
+training samples with ``nfm train``, then times side by side, interleaved, best of --repeats:
+
+* one full-set gradient of the mean CE loss (one forward + backward over all 2048 samples),
+* ``exact`` (``nfm_cli.hessian.estimate_diagonal``, the code path of ``nfm hessian-diag``), CE loss,
+* BackPACK's ``DiagGGNExact`` (backpack-for-pytorch, a benchmark-only dependency), CE loss, full batch,
+
+and reports each as a ratio to the gradient and the max relative difference exact vs BackPACK.
+``--stochastic`` adds hutchinson and finite-diff at --probes probes (time and relative L2 error
+against exact); ``--finite-diff-scan mlp:100,lenet:100`` the finite-diff error for several radius
+scales c (r_t = c * rms(theta_t)).
+
+    python bench/hessian_diag.py --stochastic --finite-diff-scan mlp:100,mlp:1000,lenet:100 --markdown BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nfm_cli.checkpoint import load_checkpoint  # noqa: E402
+from nfm_cli.hessian import DEFAULT_BATCH_SIZE, estimate_diagonal  # noqa: E402
+from nfm_cli.training import TrainConfig, train  # noqa: E402
+
+SECTION = "## Hessian diagonal (`bench/hessian_diag.py`)"
+
+
+def checkpoints(workdir: Path, epochs: int) -> dict[str, Path]:
+    out = {}
+    for model in ("mlp", "lenet"):
+        path = workdir / f"{model}-fmnist2048-e{epochs}.safetensors"
+        train(TrainConfig(model=model, dataset="fashion-mnist", train_size=2048, test_size=2000, epochs=epochs,
+                          batch_size=128, seed=0), path, device="cpu")
+        out[model] = path
+    return out
+
+
+def best_of(functions: dict, repeats: int) -> dict[str, float]:
+    """Interleaved timing (A, B, C, A, B, C, ...) after one warm-up each; the minimum per function."""
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(v) for name, v in times.items()}
+
+
+def relative_l2(estimate, reference):
+    diff = torch.cat([(estimate[n] - reference[n]).flatten() for n in reference])
+    return float(diff.norm() / torch.cat([r.flatten() for r in reference.values()]).norm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/nfm-bench-hessian")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="exact's batch size")
+    parser.add_argument("--stochastic", action="store_true", help="also time hutchinson and finite-diff")
+    parser.add_argument("--probes", type=int, default=100)
+    parser.add_argument("--finite-diff-scan", default="", metavar="MODEL:PROBES,...",
+                        help="finite-diff error vs radius scale, e.g. mlp:100,mlp:1000,lenet:100")
+    parser.add_argument("--scan-scales", default="1e-4,1e-3,1e-2,3e-2,1e-1,3e-1")
+    parser.add_argument("--models", default="mlp,lenet", help="models to time")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--markdown", help="append/replace this benchmark's section in this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    machine = (f"{platform.platform()}; {platform.machine()}; {os.cpu_count()} CPUs; torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads); Python {platform.python_version()}; "
+               f"load average before {os.getloadavg()[0]:.1f}")
+    command = "python " + " ".join([sys.argv[0]] + sys.argv[1:])
+    print(f"machine: {machine}\ncommand: {command}", flush=True)
+    paths = checkpoints(workdir, args.epochs)
+    rows, extra_rows, scan_rows = [], [], []
+    for name, path in paths.items():
+        if name not in args.models.split(","):
+            continue
+        ck = load_checkpoint(path)
+        model = ck.model.eval()
+        x, y = ck.training_tensors()
+        params = [p for p in model.parameters()]
+
+        def gradient():
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            return grads
+
+        bp_model = extend(load_checkpoint(path).model.eval())
+        bp_loss = extend(torch.nn.CrossEntropyLoss())
+
+        def backpack_diag():
+            bp_model.zero_grad(set_to_none=True)
+            with backpack(DiagGGNExact()):
+                bp_loss(bp_model(x), y).backward()
+            return {n: p.diag_ggn_exact.detach() for n, p in bp_model.named_parameters()}
+
+        def exact():
+            return estimate_diagonal(model, x, y, "ce", "exact", batch_size=args.batch_size).diagonal
+
+        t = best_of({"gradient": gradient, "exact": exact, "backpack": backpack_diag}, args.repeats)
+        ours, theirs = exact(), backpack_diag()
+        max_rel = max(float((ours[n] - theirs[n].double()).abs().max() / theirs[n].abs().max().double())
+                      for n in theirs)
+        row = dict(model=name, params=sum(p.numel() for p in params), **t, max_rel=max_rel,
+                   train_acc=ck.metrics.get("train_acc"))
+        rows.append(row)
+        print(f"{name}: gradient {t['gradient']:.3f}s, exact {t['exact']:.3f}s ({t['exact'] / t['gradient']:.1f}x), "
+              f"BackPACK {t['backpack']:.3f}s ({t['backpack'] / t['gradient']:.1f}x), exact/BackPACK "
+              f"{t['exact'] / t['backpack']:.2f}, max rel diff {max_rel:.1e}", flush=True)
+        if args.stochastic:
+            for est in ("hutchinson", "finite-diff"):
+                t0 = time.perf_counter()
+                result = estimate_diagonal(model, x, y, "ce", est, batch_size=args.batch_size, probes=args.probes,
+                                           seed=0)
+                seconds = time.perf_counter() - t0
+                err = relative_l2(result.diagonal, ours)
+                extra_rows.append((name, est, args.probes, seconds, seconds / t["gradient"], err))
+                print(f"  {est} {args.probes} probes: {seconds:.1f}s, rel L2 error {100 * err:.0f}%", flush=True)
+        scans = [int(item.split(":")[1]) for item in args.finite_diff_scan.split(",")
+                 if item and item.split(":")[0] == name]
+        for probes in scans:
+            for scale in [float(v) for v in args.scan_scales.split(",")]:
+                result = estimate_diagonal(model, x, y, "ce", "finite-diff", batch_size=512, probes=probes,
+                                           seed=0, finite_diff_scale=scale)
+                err = relative_l2(result.diagonal, ours)
+                scan_rows.append((name, scale, probes, err))
+                print(f"  finite-diff c={scale:g} {probes} probes: rel L2 error {100 * err:.0f}%", flush=True)
+            # for comparison: hutchinson with as many probes
+            result = estimate_diagonal(model, x, y, "ce", "hutchinson", batch_size=512, probes=probes, seed=0)
+            err = relative_l2(result.diagonal, ours)
+            scan_rows.append((name, "hutchinson", probes, err))
+            print(f"  hutchinson {probes} probes: rel L2 error {100 * err:.0f}%", flush=True)
+
+    if args.markdown:
+        write_markdown(Path(args.markdown), machine, command, args, rows, extra_rows, scan_rows)
+
+
+def write_markdown(path: Path, machine, command, args, rows, extra_rows, scan_rows) -> None:
+    lines = [SECTION, "",
+             "`exact` (per-layer Gauss-Newton rules, `nfm_cli/hessian/exact.py`) versus one full-set gradient and "
+             "BackPACK's `DiagGGNExact`, CE loss, N = 2048 Fashion-MNIST training samples, checkpoints from "
+             f"`nfm train --train-size 2048 --epochs {args.epochs}`. Best of {args.repeats} interleaved runs.", "",
+             f"- command: `{command}`", f"- machine: {machine}", "",
+             f"| model | params | gradient (s) | exact, batch {args.batch_size} (s) | exact / gradient | "
+             "BackPACK (s) | BackPACK / gradient | exact / BackPACK | max rel. diff. to BackPACK |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['gradient']:.3f} | {r['exact']:.3f} | "
+                     f"{r['exact'] / r['gradient']:.1f}x | {r['backpack']:.3f} | {r['backpack'] / r['gradient']:.1f}x | "
+                     f"{r['exact'] / r['backpack']:.2f} | {r['max_rel']:.1e} |")
+    if extra_rows:
+        lines += ["", "| model | estimator | probes | time (s) | / gradient | rel. L2 error vs exact |",
+                  "|---|---|---|---|---|---|"]
+        for name, est, probes, seconds, ratio, err in extra_rows:
+            lines.append(f"| {name} | {est} | {probes} | {seconds:.1f} | {ratio:.0f}x | {100 * err:.0f}% |")
+    if scan_rows:
+        lines += ["", "Finite-difference radius r_t = c * rms(theta_t): relative L2 error against exact "
+                  "(same probes for every c; hutchinson at the same probe count for comparison).", "",
+                  "| model | c | probes | rel. L2 error |", "|---|---|---|---|"]
+        for name, scale, probes, err in scan_rows:
+            label = scale if isinstance(scale, str) else f"{scale:g}"
+            lines.append(f"| {name} | {label} | {probes} | {100 * err:.0f}% |")
+    section = "\n".join(lines) + "\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Diagonal of the Hessian of the training loss (the h of eqs. 5, 17, 59 in Tsuzuku et al., 2020).
+
+* ``exact``       (``exact.py``): Gauss-Newton identity for piecewise-linear networks, per-layer rules.
+* ``hutchinson``  (``stochastic.py``): eq. (60) with Rademacher probes and exact Hessian-vector products.
+* ``finite-diff`` (``stochastic.py``): Algorithm 1 / eq. (61), central differences of gradients.
+* ``estimators.py``: each estimator as a resumable sequence of work units with float64 state.
+* ``driver.py``: the file-backed, resumable run (``nfm hessian-diag``) and reading its result back.
+"""
+from nfm_cli.hessian.driver import (DEFAULT_BATCH_SIZE, DEFAULT_PROBES, KIND, HessianDiagonal, HessianResult,
+                                    compute_hessian_diagonal, load_hessian_diagonal, read_hessian_diagonal)
+from nfm_cli.hessian.estimators import ESTIMATORS, DiagonalEstimate, estimate_diagonal
+from nfm_cli.hessian.exact import (PIECEWISE_LINEAR_LEAVES, RULES, check_exact_supported, exact_diagonal,
+                                   exact_diagonal_batch)
+from nfm_cli.hessian.stochastic import FD_SCALE, finite_difference_radii
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "KIND", "PIECEWISE_LINEAR_LEAVES",
+           "RULES", "DiagonalEstimate", "HessianDiagonal", "HessianResult", "check_exact_supported",
+           "compute_hessian_diagonal", "estimate_diagonal", "exact_diagonal", "exact_diagonal_batch",
+           "finite_difference_radii", "load_hessian_diagonal", "read_hessian_diagonal"]

@@ -1,0 +1,356 @@
+"""``nfm hessian-diag``: the resumable, file-backed run of an estimator over a checkpoint's training set.
+
+The artifact (kind ``hessian-diag``), when complete:
+
+* tensors ``<param>``: float64 diagonal of the Hessian of the mean training loss, one per parameter,
+  named and shaped exactly as ``model.named_parameters()`` (raw values, negative ones included:
+  clipping is the solver's business). Float64 because the sums are accumulated in float64; the
+  per-batch contributions are computed in the model's dtype (float32 for trained checkpoints).
+* tensors ``stderr.<param>``: per-element standard error of the mean over probes (hutchinson and
+  finite-diff with >= 2 probes).
+* metadata ``nfm.config`` {loss, estimator, samples, probes, seed, batch_size, finite_diff?},
+  ``nfm.parents`` {"checkpoint": sha256}, ``nfm.progress`` {done, units_done, units_total, batches,
+  batch_size, probes_done, samples_done}, ``nfm.metrics`` {trace, trace_total, trace_stderr?,
+  negative_fraction, degenerate_samples, parameters}, ``nfm.wall_time`` (seconds, all sessions),
+  ``nfm.source`` {checkpoint path, model, device} for information.
+
+While running, the same file holds the estimator's float64 state as tensors ``state.<key>`` and
+``nfm.progress.done = false``; it is rewritten atomically every ``save_every_seconds`` and when the
+run is interrupted between two units. Rerunning with the same out path continues after the last
+saved unit and performs the same floating-point operations in the same order, so on the same
+device the result is bit-identical to an uninterrupted run.
+
+Identity: a file at ``out`` is continued (or, if complete, left alone) only if it is a
+``hessian-diag`` file of the same checkpoint hash and the same config (``IDENTITY_KEYS``); the batch
+size changes the numbers only at rounding level, so a complete file computed with another batch
+size counts as the same result, but a partial one must be continued with its own batch size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nfm_cli.artifacts import Artifact, read_artifact, write_artifact
+from nfm_cli.data import subset_indices
+from nfm_cli.devices import resolve_device
+from nfm_cli.errors import NfmError
+from nfm_cli.hessian.estimators import ESTIMATORS, Estimator, make_estimator
+from nfm_cli.hessian.exact import check_exact_supported
+from nfm_cli.hessian.stochastic import FD_SCALE
+from nfm_cli.losses import LOSS_NAMES
+from nfm_cli.progress import ProgressFn, report
+
+KIND = "hessian-diag"
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_PROBES = 100
+SAVE_EVERY_SECONDS = 60.0
+IDENTITY_KEYS = ("loss", "estimator", "samples", "probes", "seed", "finite_diff")
+FD_RULE = "r_t = scale * rms(theta_t) = scale * ||theta_t||_F / sqrt(numel); all-zero tensor: scale * rms(theta)"
+
+
+@dataclass
+class HessianResult:
+    """What ``compute_hessian_diagonal`` did: status is "computed", "resumed" or "already complete"."""
+
+    path: Path
+    status: str
+    config: dict[str, Any]
+    diagonal: dict[str, torch.Tensor]
+    stderr: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+    sha256: str = ""
+    checkpoint_sha256: str = ""
+
+
+@dataclass
+class HessianDiagonal:
+    """A validated, complete hessian-diag file."""
+
+    path: Path
+    diagonal: dict[str, torch.Tensor]
+    stderr: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint_sha256: str
+    sha256: str
+    wall_time: float
+    artifact: Artifact
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: str = "normalized-ce",
+                             estimator: str = "exact", probes: int | None = None, samples: int | None = None,
+                             batch_size: int | None = None, seed: int = 0, device: str = "auto",
+                             force: bool = False, finite_diff_scale: float = FD_SCALE,
+                             progress: ProgressFn = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
+                             data_dir: str | os.PathLike | None = None) -> HessianResult:
+    """Diagonal of the Hessian of the mean training loss of ``checkpoint`` (a path or a loaded
+    ``Checkpoint``), written to ``out``; resumes a partial ``out`` and leaves a complete one alone.
+
+    ``samples``: a seeded subset of the training set (default all); ``probes``: for hutchinson and
+    finite-diff (default 100; ignored by exact); ``force``: start over whatever is at ``out``. Raises ``NfmError``
+    for every problem the user can fix.
+    """
+    _check_choice(loss, LOSS_NAMES, "loss")
+    _check_choice(estimator, ESTIMATORS, "estimator")
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise NfmError(f"--batch-size must be at least 1, not {batch_size}")
+    if estimator == "exact":
+        probes = None           # exact has no probes: the option is ignored
+    else:
+        probes = DEFAULT_PROBES if probes is None else int(probes)
+        if probes < 1:
+            raise NfmError(f"--probes must be at least 1, not {probes}")
+    if estimator == "finite-diff" and not (finite_diff_scale > 0 and math.isfinite(finite_diff_scale)):
+        raise NfmError(f"--finite-diff-scale must be a positive number, not {finite_diff_scale}")
+    out = Path(out)
+    if out.is_dir():
+        raise NfmError("output path is a directory; give a file name such as hdiag.safetensors", out)
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise NfmError(f"output folder {str(out.parent)!r} does not exist; create it first", out)
+
+    ck = _load_checkpoint(checkpoint, data_dir)
+    ck_path = Path(getattr(ck, "path", "") or "")
+    if str(ck_path) and out.exists() and ck_path.exists() and os.path.samefile(out, ck_path):
+        raise NfmError("--out is the checkpoint itself; choose another output file", out)
+    if not ck.complete:
+        done = (getattr(ck, "progress", {}) or {}).get("epochs_done", "?")
+        total = (getattr(ck, "config", {}) or {}).get("epochs", "?")
+        raise NfmError(f"checkpoint is from an unfinished training run ({done} of {total} epochs); finish "
+                       "it by rerunning the same nfm train command first", ck_path or None)
+    model = ck.model
+    model.eval()
+    if estimator == "exact":
+        check_exact_supported(model)
+    dev = resolve_device(device)
+
+    x_all, y_all = ck.training_tensors(device="cpu")
+    n_total = len(y_all)
+    if samples is not None:
+        samples = int(samples)
+        if samples < 1:
+            raise NfmError(f"--samples must be at least 1, not {samples}")
+        if samples > n_total:
+            raise NfmError(f"--samples {samples} is more than the {n_total} training samples of the checkpoint; "
+                           "leave it out to use all of them")
+    use = n_total if samples is None else samples
+    config = {"loss": loss, "estimator": estimator, "samples": use, "probes": probes,
+              "seed": None if (estimator == "exact" and use == n_total) else int(seed),
+              "finite_diff": ({"scale": float(finite_diff_scale), "rule": FD_RULE}
+                              if estimator == "finite-diff" else None),
+              "batch_size": batch_size}
+
+    previous = None if force or not out.exists() else _previous_run(out, config, ck.sha256)
+    if previous is not None and previous.meta["progress"].get("done"):
+        done = _as_hessian_diagonal(previous)
+        return HessianResult(out, "already complete", previous.meta["config"], done.diagonal, done.stderr,
+                             done.metrics, done.wall_time, previous.sha256, ck.sha256)
+
+    idx = subset_indices(n_total, use, seed, "hessian-samples")
+    x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+    model.to(dev)
+    est = make_estimator(estimator, model, x, y, loss, batch_size=batch_size, probes=probes, seed=int(seed),
+                         finite_diff_scale=finite_diff_scale)
+    state = est.initial_state()
+    start, wall_before = 0, 0.0
+    if previous is not None:
+        start, wall_before = _restore(previous, est, state, out)
+    source = {"checkpoint": str(ck_path) if str(ck_path) else None,
+              "model": (getattr(ck, "model_spec", None) or {}).get("name"), "device": str(dev)}
+    meta_base = {"config": config, "parents": {"checkpoint": ck.sha256}, "source": source}
+
+    t0 = time.perf_counter()
+    saved_units = start
+    last_save = time.monotonic()
+    consistent = True
+    unit = start
+
+    def save_partial() -> None:
+        write_artifact(out, {f"state.{k}": v for k, v in state.items()}, KIND,
+                       dict(meta_base, progress=_progress(est, unit, False),
+                            wall_time=wall_before + time.perf_counter() - t0))
+
+    _report(progress, est, start)
+    try:
+        while unit < est.units_total:
+            consistent = False          # the state is being updated: do not save it if interrupted now
+            est.run_unit(unit, state)
+            unit += 1
+            consistent = True
+            if unit < est.units_total and time.monotonic() - last_save >= save_every_seconds:
+                save_partial()
+                saved_units, last_save = unit, time.monotonic()
+            _report(progress, est, unit)
+    except BaseException:
+        if consistent and unit > saved_units and unit < est.units_total:
+            try:
+                save_partial()
+            except NfmError:
+                pass
+        raise
+
+    result = est.finish(state)
+    wall = wall_before + time.perf_counter() - t0
+    metrics = dict(result.metrics, parameters=sum(d.numel() for d in result.diagonal.values()))
+    diagonal = {n: d.cpu() for n, d in result.diagonal.items()}
+    stderr = {n: s.cpu() for n, s in result.stderr.items()}
+    tensors = dict(diagonal)
+    tensors.update({f"stderr.{n}": s for n, s in stderr.items()})
+    sha = write_artifact(out, tensors, KIND, dict(meta_base, progress=_progress(est, unit, True),
+                                                  metrics=metrics, wall_time=wall))
+    return HessianResult(out, "resumed" if start > 0 else "computed", config, diagonal, stderr, metrics,
+                         wall, sha, ck.sha256)
+
+
+def read_hessian_diagonal(path: str | os.PathLike, checkpoint: Any = None) -> HessianDiagonal:
+    """Read a complete hessian-diag file; with ``checkpoint`` (path or ``Checkpoint``), also check that it
+    was computed from that checkpoint and that its tensors match the model's parameters."""
+    art = read_artifact(path, KIND)
+    result = _as_hessian_diagonal(art)
+    if checkpoint is not None:
+        ck = _load_checkpoint(checkpoint, None)
+        if result.checkpoint_sha256 != ck.sha256:
+            raise NfmError(f"was computed from another checkpoint (sha256 {result.checkpoint_sha256[:12]}..., "
+                           f"{getattr(ck, 'path', 'this checkpoint')} is {ck.sha256[:12]}...); "
+                           "compute it for this checkpoint with nfm hessian-diag", art.path)
+        params = dict(ck.model.named_parameters())
+        missing = [n for n in params if n not in result.diagonal]
+        extra = [n for n in result.diagonal if n not in params]
+        if missing or extra:
+            what = f"lacks {missing[:3]}" if missing else f"has unknown tensors {extra[:3]}"
+            raise NfmError(f"does not match the checkpoint's model: it {what}", art.path)
+        for n, p in params.items():
+            if tuple(result.diagonal[n].shape) != tuple(p.shape):
+                raise NfmError(f"tensor {n} has shape {tuple(result.diagonal[n].shape)}, the model's parameter "
+                               f"has {tuple(p.shape)}", art.path)
+        result.diagonal = {n: result.diagonal[n] for n in params}
+    return result
+
+
+def load_hessian_diagonal(path: str | os.PathLike, checkpoint: Any) -> tuple[dict[str, torch.Tensor], Artifact]:
+    """({parameter name: float64 diagonal}, the file's ``Artifact``) of a complete hessian-diag file
+    computed from ``checkpoint`` (a path or a loaded ``Checkpoint``); the artifact gives the config
+    (``meta["config"]["loss"]``, ...) and the content hash (``sha256``) to record as a parent.
+
+    Raises ``NfmError`` if the file is incomplete, from another checkpoint ("computed from another
+    checkpoint"), has missing/misshaped tensors, or holds NaN/inf.
+    """
+    result = read_hessian_diagonal(path, checkpoint)
+    return result.diagonal, result.artifact
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
+    if value not in valid:
+        raise NfmError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def _load_checkpoint(checkpoint: Any, data_dir):
+    if isinstance(checkpoint, (str, os.PathLike)):
+        from nfm_cli.checkpoint import load_checkpoint
+        return load_checkpoint(checkpoint, data_dir) if data_dir else load_checkpoint(checkpoint)
+    return checkpoint
+
+
+def _progress(est: Estimator, units_done: int, done: bool) -> dict[str, Any]:
+    info = {"done": done, "units_done": units_done, "units_total": est.units_total, "batches": est.batches,
+            "batch_size": est.batch_size, "samples": est.n}
+    if est.name == "exact":
+        info["samples_done"] = min(est.n, units_done * est.batch_size)
+    else:
+        info["probes_done"] = units_done // (est.passes * est.batches)
+    return info
+
+
+def _report(progress: ProgressFn, est: Estimator, units_done: int) -> None:
+    if progress is None:
+        return
+    if est.name == "exact":
+        report(progress, "exact", min(est.n, units_done * est.batch_size), est.n, unit="samples")
+        return
+    per_probe = est.passes * est.batches
+    probe, rest = divmod(units_done, per_probe)
+    done = probe * est.passes * est.n + min(est.passes * est.n, rest * est.batch_size)
+    report(progress, est.name, done, est.probes * est.passes * est.n, probe=f"{min(probe + 1, est.probes)}/{est.probes}")
+
+
+def _previous_run(out: Path, config: dict[str, Any], checkpoint_sha: str) -> Artifact:
+    hint = "use --force to overwrite it or choose another --out"
+    try:
+        art = read_artifact(out)
+    except NfmError as err:
+        raise NfmError(f"exists and is not a readable hessian-diag file ({err.message}); {hint}", out) from None
+    if art.kind != KIND:
+        raise NfmError(f"exists and is a {art.kind} file, not a hessian-diag file; choose another --out", out)
+    parent = (art.meta.get("parents") or {}).get("checkpoint")
+    if parent != checkpoint_sha:
+        raise NfmError(f"holds a Hessian diagonal of another checkpoint (sha256 {str(parent)[:12]}..., this "
+                       f"checkpoint is {checkpoint_sha[:12]}...); {hint}", out)
+    old = art.meta.get("config") or {}
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != config.get(k)]
+    if diff:
+        what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff)
+        raise NfmError(f"exists with another config ({what}); {hint}", out)
+    progress = art.meta.get("progress")
+    if not isinstance(progress, dict) or "done" not in progress:
+        raise NfmError(f"has no valid nfm.progress entry; {hint}", out)
+    if not progress["done"] and progress.get("batch_size") != config["batch_size"]:
+        raise NfmError(f"is a partial run with --batch-size {progress.get('batch_size')}; rerun with that batch "
+                       f"size to continue it (now {config['batch_size']}), or {hint}", out)
+    return art
+
+
+def _restore(art: Artifact, est: Estimator, state: dict[str, torch.Tensor], out: Path) -> tuple[int, float]:
+    progress = art.meta["progress"]
+    units = progress.get("units_done")
+    if (not isinstance(units, int) or progress.get("units_total") != est.units_total
+            or not 0 <= units < est.units_total):
+        raise NfmError("partial run's progress does not fit this config (different training set?); "
+                       "use --force to start over", out)
+    for key, value in state.items():
+        saved = art.tensors.get(f"state.{key}")
+        if saved is None or saved.shape != value.shape or saved.dtype != value.dtype:
+            raise NfmError(f"partial run lacks a valid state tensor state.{key}; use --force to start over", out)
+        value.copy_(saved.to(value.device))
+    return units, float(art.meta.get("wall_time") or 0.0)
+
+
+def _as_hessian_diagonal(art: Artifact) -> HessianDiagonal:
+    progress = art.meta.get("progress") or {}
+    if not progress.get("done"):
+        raise NfmError(f"is an unfinished hessian-diag run ({progress.get('units_done', '?')} of "
+                       f"{progress.get('units_total', '?')} units); rerun the same nfm hessian-diag command "
+                       "to finish it", art.path)
+    parent = (art.meta.get("parents") or {}).get("checkpoint")
+    if not isinstance(parent, str):
+        raise NfmError("has no nfm.parents.checkpoint hash (corrupt file)", art.path)
+    diagonal, stderr = {}, {}
+    for name, tensor in art.tensors.items():
+        if name.startswith("state."):
+            raise NfmError("complete file still holds run state tensors (corrupt file)", art.path)
+        if not tensor.is_floating_point():
+            raise NfmError(f"tensor {name} is not floating point (corrupt file)", art.path)
+        if not torch.isfinite(tensor).all():
+            raise NfmError(f"tensor {name} holds NaN or inf", art.path)
+        if name.startswith("stderr."):
+            stderr[name[len("stderr."):]] = tensor.to(torch.float64)
+        else:
+            diagonal[name] = tensor.to(torch.float64)
+    if not diagonal:
+        raise NfmError("holds no Hessian diagonal tensors", art.path)
+    return HessianDiagonal(art.path, diagonal, stderr, art.meta.get("config") or {}, art.meta.get("metrics") or {},
+                           parent, art.sha256, float(art.meta.get("wall_time") or 0.0), art)

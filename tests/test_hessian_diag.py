@@ -1,0 +1,284 @@
+"""Hessian-diagonal estimators against dense float64 references (DESIGN.md property 1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+import models
+from nfm_cli.errors import NfmError
+from nfm_cli.hessian import check_exact_supported, estimate_diagonal, exact_diagonal
+from nfm_cli.hessian.stochastic import finite_difference_radii
+from nfm_cli.losses import LOSS_NAMES, mean_loss
+
+
+def dense_diagonal(model, x, y, loss):
+    """Diagonal of the dense Hessian of the mean loss, one parameter tensor block at a time."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    out = {}
+    for name, value in params.items():
+        def loss_of(w, name=name):
+            return mean_loss(functional_call(model, {**buffers, **params, name: w}, (x,)), y, loss)
+        block = hessian(loss_of)(value).reshape(value.numel(), value.numel())
+        out[name] = block.diagonal().reshape(value.shape)
+    return out
+
+
+def spot_diagonal(model, x, y, loss, per_tensor=6, seed=0):
+    """A few exact diagonal entries per tensor, d^2 L / d theta_i^2 = (H e_i)_i, by double backward."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    value = mean_loss(functional_call(model, {**buffers, **params}, (x,)), y, loss)
+    grads = torch.autograd.grad(value, list(params.values()), create_graph=True)
+    picks = {}
+    for (name, p), g in zip(params.items(), grads):
+        idx = torch.randint(0, p.numel(), (per_tensor,), generator=gen)
+        entries = []
+        for i in idx.tolist():
+            (row,) = torch.autograd.grad(g.reshape(-1)[i], p, retain_graph=True)
+            entries.append(row.reshape(-1)[i])
+        picks[name] = (idx, torch.stack(entries))
+    return picks
+
+
+def max_relative_error(estimate, reference):
+    scale = max(float(r.abs().max()) for r in reference.values())
+    return max(float((estimate[n] - reference[n]).abs().max()) for n in reference) / scale
+
+
+def relative_l2(estimate, reference):
+    diff = torch.cat([(estimate[n] - reference[n]).flatten() for n in reference])
+    return float(diff.norm() / torch.cat([r.flatten() for r in reference.values()]).norm())
+
+
+def randomize_batchnorm(model):
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            shape = m.running_mean.shape
+            m.running_mean.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5)
+            m.running_var.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5)
+            m.bias.data.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) * 0.6 - 0.3)
+    return model
+
+
+class ResidualBlock(nn.Module):
+    """BN -> ReLU -> conv, plus the identity: a residual sum, flagged piecewise linear."""
+
+    piecewise_linear = True
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(self.relu(self.bn(x)))
+
+
+def tiny_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+def tiny_conv_maxpool():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(3, 4, 2, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 4))
+
+
+def tiny_conv_avgpool():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2, bias=False, padding_mode="circular"),
+                         nn.ReLU(),
+                         nn.Conv2d(4, 4, 2, groups=2, dilation=1), nn.AvgPool2d(1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+
+def tiny_bn_residual():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), ResidualBlock(3), nn.BatchNorm2d(3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+
+
+def tiny_conv1d_padding_modes():
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                         nn.BatchNorm1d(3), nn.Flatten(), nn.Linear(18, 4))
+
+
+TINY = {"mlp": (tiny_mlp, (12,)), "conv-maxpool": (tiny_conv_maxpool, (2, 4, 4)),
+        "conv-avgpool-groups": (tiny_conv_avgpool, (2, 6, 6)), "bn-residual": (tiny_bn_residual, (2, 4, 4)),
+        "conv1d-reflect-bn1d": (tiny_conv1d_padding_modes, (2, 6))}
+
+
+def tiny_case(name, n=10, seed=0):
+    torch.manual_seed(seed)
+    build, shape = TINY[name]
+    model = randomize_batchnorm(build().double()).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn((n,) + shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    return model, x, y
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(TINY))
+def test_exact_equals_dense_hessian_diagonal(name, loss):
+    model, x, y = tiny_case(name)
+    exact = exact_diagonal(model, x, y, loss, batch_size=4)
+    reference = dense_diagonal(model, x, y, loss)
+    assert list(exact) == [n for n, _ in model.named_parameters()]
+    assert all(exact[n].dtype == torch.float64 and exact[n].shape == reference[n].shape for n in reference)
+    assert max_relative_error(exact, reference) < 1e-10
+    if loss == "normalized-ce":                  # indefinite loss Hessian: negative diagonal entries occur
+        assert any((r < -1e-6).any() for r in reference.values())
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("model_name,config,shape", [
+    ("lenet", {}, (1, 28, 28)),
+    ("wrn16-4", {"depth": 10, "widen_factor": 1, "image_size": 8, "in_channels": 3}, (3, 8, 8)),
+])
+def test_exact_matches_spot_checks_on_registered_models(model_name, config, shape, loss):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(models.build(model_name, **config).double()).eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((6,) + shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,), generator=gen)
+    exact = exact_diagonal(model, x, y, loss, batch_size=4)
+    for name, (idx, entries) in spot_diagonal(model, x, y, loss).items():
+        got = exact[name].reshape(-1)[idx]
+        assert torch.allclose(got, entries, rtol=1e-9, atol=1e-12 * max(1.0, float(entries.abs().max()))), name
+
+
+def test_exact_does_not_depend_on_batch_size_and_handles_frozen_parameters():
+    model, x, y = tiny_case("bn-residual", n=13)
+    whole = exact_diagonal(model, x, y, "normalized-ce", batch_size=13)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    pieces = exact_diagonal(model, x, y, "normalized-ce", batch_size=3)
+    assert max_relative_error(pieces, whole) < 1e-13
+    assert all(not p.requires_grad for p in model[0].parameters())
+
+
+class Unflagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+class SharedTwice(nn.Module):
+    piecewise_linear = True
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("model,where", [
+    (nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)), r"layer '1' \(Tanh\)"),
+    (nn.Sequential(nn.Linear(4, 4), Unflagged()), r"layer '1' \(Unflagged\)"),
+    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), r"layer '1' \(LayerNorm\)"),
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).train()), r"layer '1' \(BatchNorm1d\).*training mode"),
+])
+def test_exact_refuses_unsupported_layers_by_name(model, where):
+    with pytest.raises(NfmError, match=where + ".*--estimator hutchinson"):
+        check_exact_supported(model)
+
+
+def test_exact_refuses_a_layer_called_twice():
+    model = nn.Sequential(SharedTwice(), nn.Linear(4, 3)).double().eval()
+    with pytest.raises(NfmError, match=r"layer '0.fc' \(Linear\).*more than once"):
+        exact_diagonal(model, torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.int64), "ce")
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_hutchinson_converges_to_exact(loss):
+    model, x, y = tiny_case("mlp", n=32)
+    exact = exact_diagonal(model, x, y, loss)
+    few = estimate_diagonal(model, x, y, loss, "hutchinson", probes=8, seed=1, batch_size=32)
+    many = estimate_diagonal(model, x, y, loss, "hutchinson", probes=1024, seed=1, batch_size=32)
+    assert relative_l2(many.diagonal, exact) < 0.08
+    assert relative_l2(many.diagonal, exact) < relative_l2(few.diagonal, exact) / 3
+    # the reported standard error describes the actual error: |error| within 5 standard errors
+    for n in exact:
+        assert ((many.diagonal[n] - exact[n]).abs() <= 5 * many.stderr[n] + 1e-12).float().mean() > 0.99
+    assert set(many.metrics["trace_stderr"]) == set(exact)
+
+
+def test_finite_differences_converge_to_exact_without_kinks():
+    """Algorithm 1 (eq. 61). Its radius must be small enough not to cross ReLU kinks (see stochastic.py)."""
+    model, x, y = tiny_case("mlp", n=32)
+    exact = exact_diagonal(model, x, y, "normalized-ce")
+    few = estimate_diagonal(model, x, y, "normalized-ce", "finite-diff", probes=8, seed=1, batch_size=32,
+                            finite_diff_scale=1e-5)
+    many = estimate_diagonal(model, x, y, "normalized-ce", "finite-diff", probes=1024, seed=1, batch_size=32,
+                             finite_diff_scale=1e-5)
+    assert relative_l2(many.diagonal, exact) < 0.15   # Gaussian probes: more variance than Rademacher
+    assert relative_l2(many.diagonal, exact) < relative_l2(few.diagonal, exact) / 3
+
+
+def test_finite_differences_with_default_radius_on_a_smooth_network():
+    """A deep linear network has no kinks: the default r = 1e-2 rms(W) converges too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double().eval()
+    x, y = torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 4, (24,))
+    exact = exact_diagonal(model, x, y, "ce")
+    many = estimate_diagonal(model, x, y, "ce", "finite-diff", probes=1024, seed=2, batch_size=24)
+    assert relative_l2(many.diagonal, exact) < 0.12
+
+
+def test_finite_difference_radius_rule():
+    params = {"w": torch.full((2, 8), 3.0), "b": torch.zeros(5)}
+    radii = finite_difference_radii(params, 1e-2)
+    assert radii["w"] == pytest.approx(3e-2)
+    rms_all = (16 * 9.0 / 21) ** 0.5
+    assert radii["b"] == pytest.approx(1e-2 * rms_all)     # all-zero tensor: rms of all parameters
+
+
+def test_probes_are_keyed_by_seed_and_index():
+    model, x, y = tiny_case("mlp", n=16)
+    a = estimate_diagonal(model, x, y, "ce", "hutchinson", probes=3, seed=5, batch_size=8)
+    b = estimate_diagonal(model, x, y, "ce", "hutchinson", probes=3, seed=5, batch_size=16)
+    c = estimate_diagonal(model, x, y, "ce", "hutchinson", probes=3, seed=6, batch_size=8)
+    assert max_relative_error(a.diagonal, b.diagonal) < 1e-12      # same probes, other batching
+    assert max_relative_error(a.diagonal, c.diagonal) > 1e-3
+
+
+class InPlaceResidual(nn.Module):
+    """In-place operations on layer outputs: ``out += skip`` and ReLU(inplace=True)."""
+
+    piecewise_linear = True
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 5)
+
+    def forward(self, x):
+        out = self.fc2(self.relu(self.fc1(x)))
+        out += x
+        return out
+
+
+def test_exact_handles_in_place_operations_and_shared_time_axis():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    cases = [
+        (nn.Sequential(nn.Linear(6, 5), InPlaceResidual(), nn.ReLU(inplace=True), nn.Linear(5, 4)), (6,)),
+        # a Linear applied along a sequence axis shares its weight over the 3 positions
+        (nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(15, 4)), (12,)),
+    ]
+    for build, shape in cases:
+        model = build.double().eval()
+        x = torch.randn((9,) + shape, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 4, (9,), generator=gen)
+        for loss in LOSS_NAMES:
+            exact = exact_diagonal(model, x, y, loss, batch_size=5)
+            assert max_relative_error(exact, dense_diagonal(model, x, y, loss)) < 1e-10
