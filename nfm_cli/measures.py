@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import scipy.linalg
 import torch
 from torch import nn
 
@@ -38,6 +39,12 @@ def weight_matrices(model: nn.Module) -> dict[str, nn.Module]:
     """``{parameter name of the weight: layer}`` for every Linear/Conv layer, in model order."""
     return {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
             if isinstance(module, WEIGHT_MATRIX_LAYERS)}
+
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    """Largest singular value. scipy's LAPACK call: torch's multi-threaded SVD on a busy 2-core CPU
+    took 5-10 s for a 512 x 784 matrix where this takes 0.2 s."""
+    return float(scipy.linalg.svdvals(matrix.detach().cpu().numpy(), check_finite=False)[0]) if matrix.numel() else 0.0
 
 
 @dataclass
@@ -70,7 +77,7 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
         w2, h = to_matrix(weight, h_raw)
         solution: LayerSolution = solve_layer(w2, h, tol=tol, max_iter=max_iter)
         mnorm = matrix_normalized_layer(w2, h)
-        spectral = float(torch.linalg.matrix_norm(weight.reshape(weight.shape[0], -1), 2))
+        spectral = spectral_norm(weight.reshape(weight.shape[0], -1))
         layer_frob = float(w2.sum())
         neg = float(h_raw.clamp_max(0).abs().sum())
         negative_mass += neg
