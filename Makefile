@@ -5,7 +5,11 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DEMO_DIR ?= demo
 
-.PHONY: install test test-slow demo clean
+RESULTS ?= results
+RUNS ?= 22
+JOBS ?= 2
+
+.PHONY: install test test-slow demo reproduce clean
 
 install: $(STAMP)
 
@@ -26,11 +30,28 @@ test: install
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
 
+# The main job on an embedded default: three MLPs on a Fashion-MNIST subset with 0%, 30% and 100%
+# random labels, each measured, then the correlation report (about two minutes on 2 cores).
 demo: install
 	@mkdir -p $(DEMO_DIR)
-	nfm train --model mlp --dataset fashion-mnist --train-size 2048 --test-size 2000 --random-ratio 0.3 \
-	  --epochs 15 --batch-size 128 --seed 0 --out $(DEMO_DIR)/mlp-r0.3.safetensors
+	for r in 0.0 0.3 1.0; do \
+	  nfm train --model mlp --dataset fashion-mnist --train-size 512 --test-size 1000 --random-ratio $$r \
+	    --epochs 40 --batch-size 128 --seed 0 --quiet --out $(DEMO_DIR)/mlp-r$$r.safetensors || exit 1; \
+	  nfm measure $(DEMO_DIR)/mlp-r$$r.safetensors > /dev/null || exit 1; \
+	done
 	nfm inspect $(DEMO_DIR)/mlp-r0.3.safetensors
+	nfm report $(DEMO_DIR)/*.measures.safetensors --csv $(DEMO_DIR)/runs.csv
+
+# Sec. 6 at CPU scale: $(RUNS) MLPs on 1024 Fashion-MNIST samples, ratios 0.0..1.0 (run i gets
+# ratio i mod 11 and seed i), trained 60 epochs to ~100% training accuracy, measured, reported.
+# Resumable (rerun skips finished runs) and parallel ($(JOBS) runs at once).
+reproduce: install
+	@mkdir -p $(RESULTS)/runs
+	seq 0 $$(( $(RUNS) - 1 )) | xargs -P $(JOBS) -I{} scripts/sweep_run.sh {} $(RESULTS)/runs
+	nfm report $(RESULTS)/runs/*.measures.safetensors --plot $(RESULTS)/plots --csv $(RESULTS)/runs.csv \
+	  --json > $(RESULTS)/correlations.json
+	nfm report $(RESULTS)/runs/*.measures.safetensors > $(RESULTS)/correlations.txt
+	cat $(RESULTS)/correlations.txt
 
 clean:
 	rm -rf $(DEMO_DIR) .make build *.egg-info
