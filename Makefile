@@ -47,7 +47,8 @@ demo: install
 # Resumable (rerun skips finished runs) and parallel ($(JOBS) runs at once).
 reproduce: install
 	@mkdir -p $(RESULTS)/runs
-	seq 0 $$(( $(RUNS) - 1 )) | xargs -P $(JOBS) -I{} scripts/sweep_run.sh {} $(RESULTS)/runs
+	seq 0 $$(( $(RUNS) - 1 )) | OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
+	  xargs -P $(JOBS) -I{} scripts/sweep_run.sh {} $(RESULTS)/runs
 	nfm report $(RESULTS)/runs/*.measures.safetensors --plot $(RESULTS)/plots --csv $(RESULTS)/runs.csv \
 	  --json > $(RESULTS)/correlations.json
 	nfm report $(RESULTS)/runs/*.measures.safetensors > $(RESULTS)/correlations.txt

@@ -147,6 +147,7 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.chmod(tmp_name, _UMASK_MODE)  # mkstemp makes 0600; artifacts get the usual 0666 & ~umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -163,6 +164,15 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
             except OSError:
                 pass
     return content_hash(data)
+
+
+def _file_mode() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
+
+
+_UMASK_MODE = _file_mode()
 
 
 def _fsync_dir(folder: Path) -> None:

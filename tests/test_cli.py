@@ -79,3 +79,14 @@ def test_inspect_json_and_table(cli, tiny_checkpoint):
 def test_debug_shows_the_traceback(tmp_path):
     res = subprocess.run(["nfm", "--debug", "inspect", str(tmp_path / "absent")], capture_output=True, text=True)
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_artifacts_get_normal_file_permissions(tmp_path):
+    import os
+    import torch
+    from nfm_cli.artifacts import write_artifact
+    out = tmp_path / "a.safetensors"
+    write_artifact(out, {"x": torch.zeros(1)}, "measures", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
