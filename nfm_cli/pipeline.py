@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nfm_cli import distributed
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import Checkpoint, load_checkpoint
 from nfm_cli.devices import resolve_device
@@ -126,11 +127,28 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
         compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
                                  samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
                                  force=force, progress=progress)
-    fisher = fisher_rao_norm_of_checkpoint(ck, device=dev, samples=samples, seed=seed, progress=progress)
-    result = solve_variance(checkpoint, paths["normalized-ce"], out, trace_hdiag=paths["ce"],
-                            fisher_rao=fisher, tol=tol, max_iter=max_iter, progress=progress,
-                            extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS})
-    if not keep_intermediate:
+    # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm and the solve
+    # (cheap next to them) run on rank 0 alone while the others wait, then every rank returns the result.
+    ctx, rank_dev = distributed.setup(dev)
+    failed = 0
+    try:
+        if ctx.is_main:
+            fisher = fisher_rao_norm_of_checkpoint(ck, device=rank_dev, samples=samples, seed=seed,
+                                                   progress=progress)
+            result = solve_variance(checkpoint, paths["normalized-ce"], out, trace_hdiag=paths["ce"],
+                                    fisher_rao=fisher, tol=tol, max_iter=max_iter, progress=progress,
+                                    extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS})
+    except BaseException:
+        failed = 1
+        raise
+    finally:
+        if ctx.active:
+            failed = distributed.max_ints(ctx, [failed])[0]
+    if failed:
+        raise NfmError("rank 0 failed computing the Fisher-Rao norm or the solve; see its error", out)
+    if not ctx.is_main:
+        result = MeasureResult(out, "written", read_artifact(out, "measures").meta["result"], [])
+    if ctx.is_main and not keep_intermediate:
         for path in paths.values():
             path.unlink(missing_ok=True)
     result.intermediates = list(paths.values()) if keep_intermediate else []

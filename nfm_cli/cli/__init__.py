@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from typer._click import exceptions as click_exceptions
 
-from nfm_cli import __version__
+from nfm_cli import __version__, distributed
 from nfm_cli.errors import NfmError
 
 app = typer.Typer(
@@ -56,6 +56,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("NFM_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    if distributed.env_rank() > 0:      # under torchrun only rank 0 prints (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")
+        from nfm_cli.cli.render import console
+        console.quiet = True
     try:
         code = command.main(args=args, prog_name="nfm", standalone_mode=False)
     except NfmError as err:
@@ -81,6 +85,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         _fail(f"internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
               EXIT_INTERNAL)
+    finally:
+        distributed.shutdown()          # tear down the torchrun process group, if any
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -35,7 +35,13 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
     tasks: dict[str, Any] = {}
     last: dict[str, int] = {}
 
+    started = False  # an error before the first event must not leave an empty bar (a blank stderr line)
+
     def on_event(event: ProgressEvent) -> None:
+        nonlocal started
+        if not started:
+            bars.start()
+            started = True
         info = " ".join(f"{k}={_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",) and v is not None)
         label = "epochs" if event.task == "epoch" else event.task
         if event.task == "batch" and "epoch" in event.info:
@@ -47,8 +53,11 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
         last[event.task] = event.done
         bars.update(tasks[event.task], completed=event.done, total=event.total, description=label, info=info)
 
-    with bars:
+    try:
         yield on_event
+    finally:
+        if started:
+            bars.stop()
 
 
 def print_json(obj: Any) -> None:

@@ -20,6 +20,11 @@ run is interrupted between two units. Rerunning with the same out path continues
 saved unit and performs the same floating-point operations in the same order, so on the same
 device the result is bit-identical to an uninterrupted run.
 
+Under ``torchrun`` (``nfm_cli.distributed``) the units are sharded over the ranks in independent
+chunks (exact: batches; hutchinson/finite-diff: whole probes), the float64 sums are all-reduced, and
+only rank 0 writes; partial saves hold the reduced sums of a prefix of the units, so any number of
+processes can continue them (equal to an uninterrupted run to float rounding, not bit for bit).
+
 Identity: a file at ``out`` is continued (or, if complete, left alone) only if it is a
 ``hessian-diag`` file of the same checkpoint hash and the same config (``IDENTITY_KEYS``); the batch
 size changes the numbers only at rounding level, so a complete file computed with another batch
@@ -36,6 +41,7 @@ from typing import Any
 
 import torch
 
+from nfm_cli import distributed
 from nfm_cli.artifacts import Artifact, read_artifact, write_artifact
 from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
@@ -134,6 +140,9 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     if estimator == "exact":
         check_exact_supported(model)
     dev = resolve_device(device)
+    ctx, dev = distributed.setup(dev)       # world size 1 (no-op) without torchrun
+    if not ctx.is_main:
+        progress = None                     # rank 0 reports the global count
 
     x_all, y_all = ck.training_tensors(device="cpu")
     n_total = len(y_all)
@@ -171,34 +180,16 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     meta_base = {"config": config, "parents": {"checkpoint": ck.sha256}, "source": source}
 
     t0 = time.perf_counter()
-    saved_units = start
-    last_save = time.monotonic()
-    consistent = True
-    unit = start
 
-    def save_partial() -> None:
-        write_artifact(out, {f"state.{k}": v for k, v in state.items()}, KIND,
-                       dict(meta_base, progress=_progress(est, unit, False),
+    def save_partial(units: int, values: dict[str, torch.Tensor]) -> None:
+        write_artifact(out, {f"state.{k}": v for k, v in values.items()}, KIND,
+                       dict(meta_base, progress=_progress(est, units, False),
                             wall_time=wall_before + time.perf_counter() - t0))
 
-    _report(progress, est, start)
-    try:
-        while unit < est.units_total:
-            consistent = False          # the state is being updated: do not save it if interrupted now
-            est.run_unit(unit, state)
-            unit += 1
-            consistent = True
-            if unit < est.units_total and time.monotonic() - last_save >= save_every_seconds:
-                save_partial()
-                saved_units, last_save = unit, time.monotonic()
-            _report(progress, est, unit)
-    except BaseException:
-        if consistent and unit > saved_units and unit < est.units_total:
-            try:
-                save_partial()
-            except NfmError:
-                pass
-        raise
+    if ctx.active:
+        unit = _run_sharded(ctx, est, state, start, save_partial, save_every_seconds, progress)
+    else:
+        unit = _run_serial(est, state, start, save_partial, save_every_seconds, progress)
 
     result = est.finish(state)
     wall = wall_before + time.perf_counter() - t0
@@ -207,8 +198,12 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     stderr = {n: s.cpu() for n, s in result.stderr.items()}
     tensors = dict(diagonal)
     tensors.update({f"stderr.{n}": s for n, s in stderr.items()})
-    sha = write_artifact(out, tensors, KIND, dict(meta_base, progress=_progress(est, unit, True),
-                                                  metrics=metrics, wall_time=wall))
+    sha = ""
+    if ctx.is_main:
+        sha = write_artifact(out, tensors, KIND, dict(meta_base, progress=_progress(est, unit, True),
+                                                      metrics=metrics, wall_time=wall))
+    if ctx.active:
+        distributed.barrier(ctx)            # the file exists for every rank once this returns
     return HessianResult(out, "resumed" if start > 0 else "computed", config, diagonal, stderr, metrics,
                          wall, sha, ck.sha256)
 
@@ -248,6 +243,96 @@ def load_hessian_diagonal(path: str | os.PathLike, checkpoint: Any) -> tuple[dic
     """
     result = read_hessian_diagonal(path, checkpoint)
     return result.diagonal, result.artifact
+
+
+# --------------------------------------------------------------------------------------------
+# The unit loops: one process, or sharded over torchrun ranks
+# --------------------------------------------------------------------------------------------
+
+def _run_serial(est: Estimator, state: dict[str, torch.Tensor], start: int, save_partial,
+                save_every_seconds: float, progress: ProgressFn) -> int:
+    """Units start.. in order on this process; saves every ``save_every_seconds`` and on interrupt."""
+    saved_units = start
+    last_save = time.monotonic()
+    consistent = True
+    unit = start
+    _report(progress, est, start)
+    try:
+        while unit < est.units_total:
+            consistent = False          # the state is being updated: do not save it if interrupted now
+            est.run_unit(unit, state)
+            unit += 1
+            consistent = True
+            if unit < est.units_total and time.monotonic() - last_save >= save_every_seconds:
+                save_partial(unit, state)
+                saved_units, last_save = unit, time.monotonic()
+            _report(progress, est, unit)
+    except BaseException:
+        if consistent and unit > saved_units and unit < est.units_total:
+            try:
+                save_partial(unit, state)
+            except NfmError:
+                pass
+        raise
+    return unit
+
+
+def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.Tensor], start: int,
+                 save_partial, save_every_seconds: float, progress: ProgressFn) -> int:
+    """Units start.. over ``ctx.world`` ranks; on return ``state`` holds the all-reduced sums.
+
+    Work goes in rounds: in round k, rank r runs chunk c0 + k * world + r (``est.chunk_units``
+    consecutive units; chunks are independent). After each round all ranks have finished the same
+    prefix of chunks, so that is where rank 0 (which alone decides, by time) has everybody save: the
+    saved state is the all-reduced sum over that prefix, which any number of processes, one
+    included, can continue. Rank 0 holds the restored state; the other ranks start from zero. An
+    interrupted sharded run loses the work since the last save (peers may be gone: no collective).
+    """
+    if not ctx.is_main:
+        for value in state.values():
+            value.zero_()
+    check = distributed.max_ints(ctx, [start, -start])
+    if check[0] != -check[1]:
+        raise NfmError(f"ranks disagree on the saved progress ({-check[1]} to {check[0]} units); "
+                       "was the output file changed while the job started?")
+    chunk = est.chunk_units
+    n_chunks = -(-est.units_total // chunk)
+    # a single-process save may lie inside a chunk: rank 0 finishes that chunk first
+    lead_end = min(est.units_total, -(-start // chunk) * chunk)
+    if ctx.is_main:
+        for unit in range(start, lead_end):
+            est.run_unit(unit, state)
+    scratch = tuple(est.scratch_prefixes)
+    stop_after = distributed.stop_hook_units()
+    last_save = time.monotonic()
+    c = lead_end // chunk
+    units_done = lead_end
+    _report(progress, est, units_done)
+    while c < n_chunks:
+        mine = c + ctx.rank
+        if mine < n_chunks:
+            for unit in range(mine * chunk, min(est.units_total, (mine + 1) * chunk)):
+                est.run_unit(unit, state)
+        c = min(n_chunks, c + ctx.world)
+        units_done = min(est.units_total, c * chunk)
+        hook = stop_after is not None and units_done >= stop_after
+        due = ctx.is_main and time.monotonic() - last_save >= save_every_seconds
+        save = distributed.broadcast_ints(ctx, [int(due or hook)])[0] and units_done < est.units_total
+        if save:
+            total = {k: v.clone() for k, v in state.items()}
+            distributed.all_reduce_sum(ctx, list(total.values()))
+            for key, value in total.items():
+                if key.startswith(scratch):
+                    value.zero_()
+            if ctx.is_main:
+                save_partial(units_done, total)
+            distributed.barrier(ctx)
+            last_save = time.monotonic()
+            if hook:
+                raise KeyboardInterrupt(f"{distributed.TEST_STOP_ENV} reached")
+        _report(progress, est, units_done)
+    distributed.all_reduce_sum(ctx, list(state.values()))
+    return est.units_total
 
 
 # --------------------------------------------------------------------------------------------

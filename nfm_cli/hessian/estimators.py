@@ -56,6 +56,14 @@ class Estimator:
 
     # -- bookkeeping ------------------------------------------------------------------------
     units_total: int = 0
+    # Sharding (torchrun): units come in independent chunks of ``chunk_units`` consecutive units
+    # (exact: one batch; probe estimators: one whole probe); chunk c goes to rank c % world. State keys
+    # starting with a ``scratch_prefixes`` entry are per-chunk scratch, everything else is a sum.
+    scratch_prefixes: tuple[str, ...] = ()
+
+    @property
+    def chunk_units(self) -> int:
+        return 1
 
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = slice(b * self.batch_size, min(self.n, (b + 1) * self.batch_size))
@@ -124,6 +132,10 @@ class _ProbeEstimator(Estimator):
 
     passes = 1   # full passes over the data per probe
 
+    @property
+    def chunk_units(self) -> int:
+        return self.passes * self.batches
+
     def __init__(self, model, x, y, loss, batch_size, probes: int, seed: int):
         super().__init__(model, x, y, loss, batch_size)
         self.probes, self.seed = probes, seed
@@ -183,6 +195,7 @@ class HutchinsonEstimator(_ProbeEstimator):
     """Eq. (60) with Rademacher probes and exact Hessian-vector products."""
 
     name = "hutchinson"
+    scratch_prefixes = ("pass.",)
 
     def draw_probe(self, index):
         return rademacher_probe(self.params, self.seed, index)
@@ -213,6 +226,7 @@ class FiniteDifferenceEstimator(_ProbeEstimator):
 
     name = "finite-diff"
     passes = 2
+    scratch_prefixes = ("plus.", "minus.")
 
     def __init__(self, model, x, y, loss, batch_size, probes, seed, scale: float = FD_SCALE):
         super().__init__(model, x, y, loss, batch_size, probes, seed)

@@ -1,0 +1,154 @@
+"""``torchrun -m nfm_cli hessian-diag|measure`` with 2 gloo processes on the CPU (issue 6).
+
+Every run is a subprocess bounded by a timeout, on a free port, tagged with a marker in its
+environment so the test can check that no process of it outlives it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from nfm_cli.artifacts import read_artifact
+from nfm_cli.distributed import TEST_STOP_ENV
+from nfm_cli.hessian import read_hessian_diagonal
+
+TIMEOUT = 120
+MARKER = f"nfm-dist-test-{uuid.uuid4().hex}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", TEST_STOP_ENV)}
+    # the same thread count on both sides, so float32 per-batch work rounds the same way
+    env.update(OMP_NUM_THREADS="1", NFM_DIST_TEST_MARKER=MARKER, **extra)
+    return env
+
+
+def nfm(*args, procs: int = 1, **env: str) -> subprocess.CompletedProcess:
+    if procs == 1:
+        cmd = [sys.executable, "-m", "nfm_cli", *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nfm_cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(**env))
+
+
+def _marked_processes() -> list[int]:
+    """pids of live processes whose environment carries this module's marker (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if MARKER.encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "ck.safetensors"
+    r = nfm("train", "--dataset", "synthetic", "--width", "16", "--epochs", "1", "--train-size", "128",
+            "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_and_dist(ckpt, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    single, sharded = folder / "single.safetensors", folder / "dist.safetensors"
+    r1 = nfm("hessian-diag", ckpt, "--out", single, "--batch-size", "16", "--device", "cpu", "-q")
+    r2 = nfm("hessian-diag", ckpt, "--out", sharded, "--batch-size", "16", "--device", "cpu", procs=2)
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    return single, sharded, r2
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = float(a[name].abs().max()) or 1.0
+        assert float((a[name] - b[name]).abs().max()) <= rel * scale, name
+
+
+def test_sharded_exact_diagonal_equals_single_process(single_and_dist):
+    single, sharded, run = single_and_dist
+    a, b = read_hessian_diagonal(single), read_hessian_diagonal(sharded)
+    _assert_close(a.diagonal, b.diagonal, 1e-6)
+    assert math.isclose(a.metrics["trace_total"], b.metrics["trace_total"], rel_tol=1e-6, abs_tol=1e-12)
+    assert b.artifact.meta["progress"]["done"] and b.artifact.meta["progress"]["units_done"] == 8
+    assert run.stdout.strip() == str(sharded)          # rank 0 alone prints the path
+    assert run.stderr.count("computed exact") == 1     # ... and the summary
+    assert not _marked_processes()
+
+
+def test_killed_and_resumed_sharded_run_equals_uninterrupted(ckpt, single_and_dist, tmp_path):
+    _, sharded, _ = single_and_dist
+    out = tmp_path / "resumed.safetensors"
+    args = ("hessian-diag", ckpt, "--out", out, "--batch-size", "16", "--device", "cpu", "-q")
+    stopped = nfm(*args, procs=2, **{TEST_STOP_ENV: "3"})
+    assert stopped.returncode != 0
+    partial = read_artifact(out)
+    assert partial.meta["progress"]["done"] is False and partial.meta["progress"]["units_done"] == 4
+    # the same process count continues it (another count works too: see the next test)
+    resumed = nfm(*args, procs=2)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_hessian_diagonal(sharded), read_hessian_diagonal(out)
+    _assert_close(a.diagonal, b.diagonal, 1e-12)
+    assert not _marked_processes()
+
+
+@pytest.mark.slow
+def test_sharded_partial_file_continues_with_one_process(ckpt, single_and_dist, tmp_path):
+    single, _, _ = single_and_dist
+    out = tmp_path / "mixed.safetensors"
+    args = ("hessian-diag", ckpt, "--out", out, "--batch-size", "16", "--device", "cpu", "-q")
+    assert nfm(*args, procs=2, **{TEST_STOP_ENV: "5"}).returncode != 0
+    assert read_artifact(out).meta["progress"]["units_done"] == 6
+    resumed = nfm(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_close(read_hessian_diagonal(single).diagonal, read_hessian_diagonal(out).diagonal, 1e-6)
+    assert not _marked_processes()
+
+
+def test_sharded_measure_equals_single_process(ckpt, tmp_path):
+    single, sharded = tmp_path / "m1.safetensors", tmp_path / "m2.safetensors"
+    r1 = nfm("measure", ckpt, "--out", single, "--batch-size", "32", "--device", "cpu", "--json")
+    r2 = nfm("measure", ckpt, "--out", sharded, "--batch-size", "32", "--device", "cpu", "--json", procs=2)
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    a, b = read_artifact(single).meta["result"], read_artifact(sharded).meta["result"]
+    for key in ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm"):
+        assert math.isclose(a[key], b[key], rel_tol=1e-6), key
+    assert r2.stdout.count("{") >= 1 and r2.stdout.count('"path"') == 1   # one JSON object, from rank 0
+    assert not _marked_processes()
+
+
+@pytest.mark.slow
+def test_sharded_hutchinson_shards_probes(ckpt, tmp_path):
+    single, sharded = tmp_path / "h1.safetensors", tmp_path / "h2.safetensors"
+    common = ("--estimator", "hutchinson", "--probes", "5", "--batch-size", "32", "--device", "cpu", "-q")
+    assert nfm("hessian-diag", ckpt, "--out", single, *common).returncode == 0
+    r = nfm("hessian-diag", ckpt, "--out", sharded, *common, procs=2)
+    assert r.returncode == 0, r.stderr
+    a, b = read_hessian_diagonal(single), read_hessian_diagonal(sharded)
+    _assert_close(a.diagonal, b.diagonal, 1e-6)
+    _assert_close(a.stderr, b.stderr, 1e-5)
+    assert not _marked_processes()
