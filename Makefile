@@ -9,7 +9,7 @@ RESULTS ?= results
 RUNS ?= 22
 JOBS ?= 2
 
-.PHONY: install test test-slow demo reproduce clean
+.PHONY: install test test-slow fuzz demo reproduce clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: install
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
+
+# Reliability, long version: thousands of corrupt-file mutants per artifact kind and repeated SIGKILLs
+# of train / hessian-diag / measure (see RELIABILITY.md). NFM_FUZZ_COUNT sets mutants per kind.
+fuzz: install
+	$(PYTHON) -m pytest -q -m slow tests/test_reliability_fuzz.py tests/test_reliability_kill.py
 
 # The main job on an embedded default: three MLPs on a Fashion-MNIST subset with 0%, 30% and 100%
 # random labels, each measured, then the correlation report (about two minutes on 2 cores).

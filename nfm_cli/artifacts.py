@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ from nfm_cli.errors import NfmError
 FORMAT = 1
 KINDS = ("checkpoint", "hessian-diag", "measures")
 _PREFIX = "nfm."
+# Well-known metadata entries and the JSON type every reader assumes: a file where one has another
+# type (null, a number, a list, ...) is corrupt and refused on read, so no reader meets it.
+_META_TYPES = {"config": dict, "model": dict, "progress": dict, "metrics": dict, "parents": dict,
+               "result": dict, "optimizer": dict, "data": dict, "source": dict, "history": list,
+               "wall_time": (int, float), "version": str, "checkpoint_path": str}
+_TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string"}
 
 
 @dataclass
@@ -106,6 +113,11 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
                 meta[key[len(_PREFIX):]] = json.loads(value)
             except (TypeError, ValueError):
                 raise NfmError(f"metadata entry {key} is not valid JSON (corrupt file)", path) from None
+            name = key[len(_PREFIX):]
+            if name in _META_TYPES and (not isinstance(meta[name], _META_TYPES[name])
+                                        or isinstance(meta[name], bool)):
+                what = _TYPE_NAMES.get(_META_TYPES[name], "a number")
+                raise NfmError(f"metadata entry {key} is not {what} (corrupt file)", path)
     return Artifact(path, found, meta, tensors, content_hash(data), extra)
 
 
@@ -140,13 +152,20 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
     Returns the content hash of what was written.
     """
     path = Path(path)
-    data = serialize(tensors, kind, meta)
+    try:
+        data = serialize(tensors, kind, meta)
+    except ValueError as exc:  # json refuses NaN/inf: the caller computed a broken number
+        bad = [key for key, value in meta.items() if _has_nonfinite(value)]
+        if not bad:
+            raise
+        raise NfmError(f"cannot write: metadata entry nfm.{bad[0]} holds NaN or inf (numerically broken "
+                       "inputs?); nothing was written", path) from None
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise NfmError(f"output folder {str(folder)!r} does not exist; create it first", path)
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=folder)
         os.chmod(tmp_name, _UMASK_MODE)  # mkstemp makes 0600; artifacts get the usual 0666 & ~umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -155,6 +174,7 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
         os.replace(tmp_name, path)
         tmp_name = None
         _fsync_dir(folder)
+        remove_stale_temp_files(path)
     except OSError as exc:
         raise NfmError(_describe_write_error(exc) + "; any previous file there is untouched", path) from None
     finally:
@@ -164,6 +184,58 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
             except OSError:
                 pass
     return content_hash(data)
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nonfinite(v) for v in value)
+    return False
+
+
+def _writer_tag() -> str:
+    """``<host>-<pid>`` in temp file names, so a later writer can tell a killed writer's leftovers."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_") or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that writers of ``path`` on this host left when they were killed
+    (SIGKILL, OOM, power loss) before renaming them; a live writer's temp file is kept."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    host = _writer_tag().rsplit("-", 1)[0]
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    prefix = f".{path.name}.{host}-"
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(folder / name)
+            removed.append(folder / name)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _file_mode() -> int:

@@ -192,6 +192,9 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
         unit = _run_serial(est, state, start, save_partial, save_every_seconds, progress)
 
     result = est.finish(state)
+    if not all(bool(torch.isfinite(d).all()) for d in result.diagonal.values()):
+        raise NfmError("the Hessian diagonal came out NaN or inf (weights too large for the float "
+                       "precision? try --device cpu with a float64 copy, or check the checkpoint)", ck_path or None)
     wall = wall_before + time.perf_counter() - t0
     metrics = dict(result.metrics, parameters=sum(d.numel() for d in result.diagonal.values()))
     diagonal = {n: d.cpu() for n, d in result.diagonal.items()}
@@ -423,6 +426,9 @@ def _as_hessian_diagonal(art: Artifact) -> HessianDiagonal:
     parent = (art.meta.get("parents") or {}).get("checkpoint")
     if not isinstance(parent, str):
         raise NfmError("has no nfm.parents.checkpoint hash (corrupt file)", art.path)
+    config = art.meta.get("config")
+    if not isinstance(config, dict) or config.get("loss") not in LOSS_NAMES:
+        raise NfmError("has no valid nfm.config.loss entry (corrupt file)", art.path)
     diagonal, stderr = {}, {}
     for name, tensor in art.tensors.items():
         if name.startswith("state."):
