@@ -36,7 +36,7 @@ fuzz: install
 	$(PYTHON) -m pytest -q -m slow tests/test_reliability_fuzz.py tests/test_reliability_kill.py
 
 # The main job on an embedded default: three MLPs on a Fashion-MNIST subset with 0%, 30% and 100%
-# random labels, each measured, then the correlation report (about two minutes on 2 cores).
+# random labels, each measured, then the correlation report (a few minutes on 2 cores).
 demo: install
 	@mkdir -p $(DEMO_DIR)
 	for r in 0.0 0.3 1.0; do \
