@@ -30,10 +30,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nfm_cli.checkpoint import load_checkpoint  # noqa: E402
-from nfm_cli.hessian import DEFAULT_BATCH_SIZE, estimate_diagonal  # noqa: E402
+from nfm_cli.hessian import estimate_diagonal  # noqa: E402
+from nfm_cli.hessian.driver import auto_batch_size  # noqa: E402
 from nfm_cli.training import TrainConfig, train  # noqa: E402
 
 SECTION = "## Hessian diagonal (`bench/hessian_diag.py`)"
+SCAN_HEADING = "### Finite-difference radius scan"
 
 
 def checkpoints(workdir: Path, epochs: int) -> dict[str, Path]:
@@ -69,9 +71,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/nfm-bench-hessian")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="exact's batch size")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="exact's batch size (default: the tool's automatic choice)")
     parser.add_argument("--stochastic", action="store_true", help="also time hutchinson and finite-diff")
     parser.add_argument("--probes", type=int, default=100)
+    parser.add_argument("--stochastic-batch-size", type=int, default=512)
     parser.add_argument("--finite-diff-scan", default="", metavar="MODEL:PROBES,...",
                         help="finite-diff error vs radius scale, e.g. mlp:100,mlp:1000,lenet:100")
     parser.add_argument("--scan-scales", default="1e-4,1e-3,1e-2,3e-2,1e-1,3e-1")
@@ -114,14 +118,16 @@ def main() -> None:
                 bp_loss(bp_model(x), y).backward()
             return {n: p.diag_ggn_exact.detach() for n, p in bp_model.named_parameters()}
 
+        batch = args.batch_size or auto_batch_size(model, x[:1], "exact", len(y))
+
         def exact():
-            return estimate_diagonal(model, x, y, "ce", "exact", batch_size=args.batch_size).diagonal
+            return estimate_diagonal(model, x, y, "ce", "exact", batch_size=batch).diagonal
 
         t = best_of({"gradient": gradient, "exact": exact, "backpack": backpack_diag}, args.repeats)
         ours, theirs = exact(), backpack_diag()
         max_rel = max(float((ours[n] - theirs[n].double()).abs().max() / theirs[n].abs().max().double())
                       for n in theirs)
-        row = dict(model=name, params=sum(p.numel() for p in params), **t, max_rel=max_rel,
+        row = dict(model=name, params=sum(p.numel() for p in params), **t, max_rel=max_rel, batch=batch,
                    train_acc=ck.metrics.get("train_acc"))
         rows.append(row)
         print(f"{name}: gradient {t['gradient']:.3f}s, exact {t['exact']:.3f}s ({t['exact'] / t['gradient']:.1f}x), "
@@ -130,8 +136,8 @@ def main() -> None:
         if args.stochastic:
             for est in ("hutchinson", "finite-diff"):
                 t0 = time.perf_counter()
-                result = estimate_diagonal(model, x, y, "ce", est, batch_size=args.batch_size, probes=args.probes,
-                                           seed=0)
+                result = estimate_diagonal(model, x, y, "ce", est, batch_size=args.stochastic_batch_size,
+                                           probes=args.probes, seed=0)
                 seconds = time.perf_counter() - t0
                 err = relative_l2(result.diagonal, ours)
                 extra_rows.append((name, est, args.probes, seconds, seconds / t["gradient"], err))
@@ -161,28 +167,37 @@ def write_markdown(path: Path, machine, command, args, rows, extra_rows, scan_ro
              "BackPACK's `DiagGGNExact`, CE loss, N = 2048 Fashion-MNIST training samples, checkpoints from "
              f"`nfm train --train-size 2048 --epochs {args.epochs}`. Best of {args.repeats} interleaved runs.", "",
              f"- command: `{command}`", f"- machine: {machine}", "",
-             f"| model | params | gradient (s) | exact, batch {args.batch_size} (s) | exact / gradient | "
+             "| model | params | gradient (s) | exact (s) | exact batch | exact / gradient | "
              "BackPACK (s) | BackPACK / gradient | exact / BackPACK | max rel. diff. to BackPACK |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['gradient']:.3f} | {r['exact']:.3f} | "
-                     f"{r['exact'] / r['gradient']:.1f}x | {r['backpack']:.3f} | {r['backpack'] / r['gradient']:.1f}x | "
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['gradient']:.3f} | {r['exact']:.3f} | {r['batch']} | "
+                     f"{r['exact'] / r['gradient']:.1f}x | {r['backpack']:.3f} | "
+                     f"{r['backpack'] / r['gradient']:.1f}x | "
                      f"{r['exact'] / r['backpack']:.2f} | {r['max_rel']:.1e} |")
     if extra_rows:
-        lines += ["", "| model | estimator | probes | time (s) | / gradient | rel. L2 error vs exact |",
+        lines += ["", f"Stochastic estimators (batch {args.stochastic_batch_size}, CE loss, seed 0, default "
+                  "finite-diff radius):", "",
+                  "| model | estimator | probes | time (s) | / gradient | rel. L2 error vs exact |",
                   "|---|---|---|---|---|---|"]
         for name, est, probes, seconds, ratio, err in extra_rows:
             lines.append(f"| {name} | {est} | {probes} | {seconds:.1f} | {ratio:.0f}x | {100 * err:.0f}% |")
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
     if scan_rows:
-        lines += ["", "Finite-difference radius r_t = c * rms(theta_t): relative L2 error against exact "
-                  "(same probes for every c; hutchinson at the same probe count for comparison).", "",
+        lines += ["", SCAN_HEADING, "",
+                  f"`{command}` on {machine}.", "",
+                  "Radius r_t = c * rms(theta_t); relative L2 error of finite-diff against exact, CE loss, the same "
+                  "probes for every c, and Hutchinson with as many probes for comparison.", "",
                   "| model | c | probes | rel. L2 error |", "|---|---|---|---|"]
         for name, scale, probes, err in scan_rows:
             label = scale if isinstance(scale, str) else f"{scale:g}"
             lines.append(f"| {name} | {label} | {probes} | {100 * err:.0f}% |")
+    else:   # keep the scan of an earlier run (it takes long)
+        old = pattern.search(text)
+        if old and SCAN_HEADING in old.group(0):
+            lines += ["", old.group(0)[old.group(0).index(SCAN_HEADING):].rstrip("\n")]
     section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section.rstrip("\n") + "\n", text)
     else:

@@ -24,8 +24,6 @@ caller can report how many there were. A trained network essentially never produ
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -121,8 +119,3 @@ def _normalized_ce_logit_hessian(f: torch.Tensor, labels: torch.Tensor) -> torch
                  - a[:, None, None] * centering / (k * s3))
     hessian = gauss_newton + curvature
     return torch.where(degenerate[:, None, None], torch.zeros_like(hessian), hessian)
-
-
-def uniform_loss_value(num_classes: int) -> float:
-    """ln K: the loss of a uniform prediction (degenerate samples under ``normalized-ce``)."""
-    return math.log(num_classes)

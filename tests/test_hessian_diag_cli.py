@@ -6,12 +6,23 @@ import shutil
 import pytest
 import torch
 
+import models
+
 from conftest import sha256_of, tiny_config
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.checkpoint import load_checkpoint
 from nfm_cli.errors import NfmError
-from nfm_cli.hessian import compute_hessian_diagonal, exact_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, load_hessian_diagonal
 from nfm_cli.training import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 models are overhead-bound: one thread is faster, and robust on a shared 2-core VM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Interrupt(Exception):
@@ -175,3 +186,12 @@ def test_cli_writes_the_path_and_fails_in_one_line(tiny_checkpoint, tmp_path, cl
     assert bad.err.strip().count("\n") == 0 and "unknown loss 'mse'" in bad.err
     missing = cli("hessian-diag", tmp_path / "nope.safetensors", "--out", tmp_path / "z.safetensors")
     assert missing.code == 1 and "no such file" in missing.err
+
+
+def test_automatic_batch_size(tiny_checkpoint, tmp_path):
+    result = compute_hessian_diagonal(tiny_checkpoint, tmp_path / "h.safetensors", device="cpu")
+    assert result.config["batch_size"] == 128                     # all 128 samples fit one batch
+    wrn = models.build("wrn16-4").eval()
+    assert auto_batch_size(wrn, torch.zeros(1, 3, 32, 32), "exact", 50_000) == 64
+    assert auto_batch_size(wrn, torch.zeros(1, 3, 32, 32), "hutchinson", 50_000) == 32
+    assert auto_batch_size(models.build("mlp"), torch.zeros(1, 1, 28, 28), "exact", 2048) == 512

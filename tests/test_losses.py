@@ -13,6 +13,15 @@ from nfm_cli.losses import (LOSS_NAMES, degenerate_mask, logit_hessian, mean_los
                             per_sample_loss, sum_loss)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 models are overhead-bound: one thread is faster, and robust on a shared 2-core VM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _logits(n=12, k=5, scale=3.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, k, generator=gen, dtype=torch.float64) * scale, torch.randint(0, k, (n,), generator=gen)

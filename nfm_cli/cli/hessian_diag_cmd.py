@@ -8,7 +8,7 @@ import typer
 
 from nfm_cli.cli import app
 from nfm_cli.cli.render import console, progress_bar
-from nfm_cli.hessian import DEFAULT_BATCH_SIZE, DEFAULT_PROBES, FD_SCALE, compute_hessian_diagonal
+from nfm_cli.hessian import DEFAULT_PROBES, FD_SCALE, compute_hessian_diagonal
 
 
 @app.command("hessian-diag")
@@ -25,8 +25,10 @@ def hessian_diag_command(
                                          f"{DEFAULT_PROBES}); ignored by exact."),
     samples: Optional[int] = typer.Option(None, help="Use a seeded subset of this many training samples "
                                           "(default: the whole training set as trained)."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Samples per batch: more is "
-                                   "faster and uses more memory; the result changes only at rounding level."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch: more is faster "
+                                             "and uses more memory; the result changes only at rounding level. "
+                                             "Default: the largest power of two <= 512 whose activations fit "
+                                             "about 2 GiB (MLP/LeNet 512, WRN-16-4 64)."),
     seed: int = typer.Option(0, help="Seed of the probes and of the --samples subset."),
     finite_diff_scale: float = typer.Option(FD_SCALE, "--finite-diff-scale", help="finite-diff radius per tensor: "
                                             "r = scale * rms(tensor)."),
@@ -55,5 +57,5 @@ def hessian_diag_command(
         console.print(f"{result.status} {result.config['estimator']} {result.config['loss']} diagonal of "
                       f"{m.get('parameters', 0)} parameters over {result.config['samples']} samples in "
                       f"{result.wall_time:.1f}s: trace {m.get('trace_total', float('nan')):.4g}, "
-                      f"{100 * m.get('negative_fraction', 0.0):.1f}% negative entries{extra}")
+                      f"{100 * m.get('negative_fraction', 0.0):.2g}% negative entries{extra}")
     typer.echo(str(out))
