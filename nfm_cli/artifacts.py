@@ -19,7 +19,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -154,12 +154,22 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
     path = Path(path)
     try:
         data = serialize(tensors, kind, meta)
-    except ValueError as exc:  # json refuses NaN/inf: the caller computed a broken number
+    except ValueError:  # json refuses NaN/inf: the caller computed a broken number
         bad = [key for key, value in meta.items() if _has_nonfinite(value)]
         if not bad:
             raise
         raise NfmError(f"cannot write: metadata entry nfm.{bad[0]} holds NaN or inf (numerically broken "
                        "inputs?); nothing was written", path) from None
+    atomic_write(path, lambda handle: handle.write(data))
+    return content_hash(data)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
+    """Call ``write(handle)`` on a temp file in the destination folder, fsync, rename onto ``path``,
+    fsync the folder. A previous file at ``path`` is replaced only once the new one is complete; on
+    any failure (disk full, read-only folder, ...) it is left untouched and the temp file removed.
+    Used for every file nfm writes (artifacts, CSV, PNG)."""
+    path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise NfmError(f"output folder {str(folder)!r} does not exist; create it first", path)
@@ -168,7 +178,7 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=folder)
         os.chmod(tmp_name, _UMASK_MODE)  # mkstemp makes 0600; artifacts get the usual 0666 & ~umask
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -183,7 +193,7 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], ki
                 os.unlink(tmp_name)
             except OSError:
                 pass
-    return content_hash(data)
+    return path
 
 
 def _has_nonfinite(value: Any) -> bool:

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from nfm_cli.errors import NfmError  # noqa: E402
 from nfm_cli.progress import ProgressFn, report  # noqa: E402
-from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, atomic_write, column, correlations,  # noqa: E402
+from nfm_cli.artifacts import atomic_write  # noqa: E402
+from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, column, correlations,  # noqa: E402
                             group_runs, minmax_rescale)
 
 DPI = 100

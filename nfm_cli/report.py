@@ -16,15 +16,14 @@ import csv
 import io
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
 
-from nfm_cli.artifacts import read_artifact
+from nfm_cli.artifacts import atomic_write, read_artifact
 from nfm_cli.errors import NfmError
 from nfm_cli.progress import ProgressFn, report
 
@@ -224,37 +223,6 @@ def minmax_rescale(values: Sequence[float]) -> np.ndarray:
         v, lo, hi = v / 2, lo / 2, hi / 2
     v[ok] = (v[ok] - lo) / (hi - lo)
     return v
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Call ``write(handle)`` on a temp file in the destination folder, fsync, then rename onto ``path``.
-
-    A previous file at ``path`` is replaced only once the new one is complete.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise NfmError(f"output folder {str(folder)!r} does not exist; create it first", path)
-    if path.is_dir():
-        raise NfmError("cannot write: the output path is a directory", path)
-    tmp_name = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        raise NfmError(f"cannot write: {exc.strerror or exc}; any previous file there is untouched", path) from None
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-    return path
 
 
 def _csv_cell(value: Any) -> str:

@@ -19,6 +19,15 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("NFM_DEBUG", raising=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny float64 models are overhead-bound: one thread is faster, and robust on a shared 2-core VM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sha256_of(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

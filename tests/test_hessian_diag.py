@@ -12,14 +12,7 @@ from nfm_cli.hessian import check_exact_supported, estimate_diagonal, exact_diag
 from nfm_cli.hessian.stochastic import finite_difference_radii
 from nfm_cli.losses import LOSS_NAMES, mean_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 models are overhead-bound: one thread is faster, and robust on a shared 2-core VM."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_diagonal(model, x, y, loss):

@@ -15,14 +15,7 @@ from nfm_cli.errors import NfmError
 from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, load_hessian_diagonal
 from nfm_cli.training import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 models are overhead-bound: one thread is faster, and robust on a shared 2-core VM."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupt(Exception):

@@ -12,14 +12,7 @@ from nfm_cli.errors import NfmError
 from nfm_cli.losses import (LOSS_NAMES, degenerate_mask, logit_hessian, mean_loss, normalized_logits,
                             per_sample_loss, sum_loss)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 models are overhead-bound: one thread is faster, and robust on a shared 2-core VM."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(n=12, k=5, scale=3.0, seed=0):
