@@ -119,6 +119,8 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=t
             raise NfmError(f"checkpoint config lacks {key!r}", path)
     try:
         model = model_from_spec(spec)
+    except NfmError as err:  # an unknown model name: say which file names it
+        raise NfmError(f"{err.message} (corrupt file or a newer nfm?)", path) from None
     except (TypeError, ValueError) as exc:
         raise NfmError(f"cannot rebuild model {spec.get('name')!r}: {exc}", path) from None
     state = {k[len("model."):]: v for k, v in art.tensors.items() if k.startswith("model.")}

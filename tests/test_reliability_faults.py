@@ -234,3 +234,17 @@ def test_report_never_turns_a_nan_sharpness_into_a_correlation(cli, run, tmp_pat
     res = cli("report", *paths, bad, "--json", "--quiet")
     out = json.loads(res.out)
     assert out["n_runs"] == 4 and out["skipped"][0]["path"] == str(bad) and "non-finite" in out["skipped"][0]["reason"]
+
+
+def test_unknown_model_name_in_a_checkpoint_names_the_file(cli, tiny_checkpoint, tmp_path):
+    """Found by the fuzzer in CI: a flipped byte turned "mlp" into "llp"; the error lacked the path."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(tiny_checkpoint), "pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    meta["nfm.model"] = meta["nfm.model"].replace('"mlp"', '"llp"')
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    res = cli("measure", bad, "--out", tmp_path / "m.safetensors")
+    assert res.code == 1 and str(bad) in res.err and "unknown model 'llp'" in res.err
