@@ -110,15 +110,20 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
             extra[key] = value
         elif key not in (_PREFIX + "kind", _PREFIX + "format"):
             try:
-                meta[key[len(_PREFIX):]] = json.loads(value)
-            except (TypeError, ValueError):
-                raise NfmError(f"metadata entry {key} is not valid JSON (corrupt file)", path) from None
+                meta[key[len(_PREFIX):]] = json.loads(value, parse_constant=_reject_constant)
+            except (TypeError, ValueError):  # nfm never writes NaN/Infinity: such an entry is corrupt
+                raise NfmError(f"metadata entry {key} is not valid JSON or holds NaN/inf (corrupt file)",
+                               path) from None
             name = key[len(_PREFIX):]
             if name in _META_TYPES and (not isinstance(meta[name], _META_TYPES[name])
                                         or isinstance(meta[name], bool)):
                 what = _TYPE_NAMES.get(_META_TYPES[name], "a number")
                 raise NfmError(f"metadata entry {key} is not {what} (corrupt file)", path)
     return Artifact(path, found, meta, tensors, content_hash(data), extra)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} in metadata")
 
 
 def peek_kind(path: str | os.PathLike) -> str | None:

@@ -209,7 +209,8 @@ def test_nan_hessian_is_refused(cli, run, tmp_path):
 
 def test_report_never_turns_a_nan_sharpness_into_a_correlation(cli, run, tmp_path):
     """A measures file whose normalized_sharpness is NaN (only a crafted or foreign file can be:
-    solve-variance refuses to write one) is reported with n counting only the finite runs."""
+    nfm never writes NaN into metadata) is skipped as corrupt with its reason; the correlation uses
+    only the finite runs."""
     tensors, meta = _read(run["ma"])
     result = json.loads(meta["nfm.result"])
     paths = []
@@ -222,7 +223,8 @@ def test_report_never_turns_a_nan_sharpness_into_a_correlation(cli, run, tmp_pat
     res = cli("report", *paths, "--json", "--quiet")
     assert res.code == 0, res.err
     out = json.loads(res.out)
-    assert out["n_runs"] == 4
+    assert out["n_runs"] == 3
+    assert [s["path"] for s in out["skipped"]] == [str(paths[3])] and "NaN" in out["skipped"][0]["reason"]
     c = out["groups"][0]["correlations"]["normalized_sharpness"]
     assert c["n"] == 3 and c["pearson_r"] is not None and c["pearson_r"] > 0.9
     assert c["max"] == 3.5  # min/max over finite values only
@@ -233,7 +235,7 @@ def test_report_never_turns_a_nan_sharpness_into_a_correlation(cli, run, tmp_pat
     save_file(tensors, str(bad), metadata=dict(meta, **{"nfm.result": json.dumps(r)}))
     res = cli("report", *paths, bad, "--json", "--quiet")
     out = json.loads(res.out)
-    assert out["n_runs"] == 4 and out["skipped"][0]["path"] == str(bad) and "non-finite" in out["skipped"][0]["reason"]
+    assert out["n_runs"] == 3 and str(bad) in [s["path"] for s in out["skipped"]]
 
 
 def test_unknown_model_name_in_a_checkpoint_names_the_file(cli, tiny_checkpoint, tmp_path):
