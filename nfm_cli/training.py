@@ -1,6 +1,10 @@
 """``nfm train``: Adam on (possibly partly random) labels, checkpointed every epoch, exactly resumable.
 
-Appendix E of the paper: Adam with default betas, no weight decay, no augmentation, cross-entropy.
+Appendix E of the paper: Adam with default betas, no weight decay, no augmentation, cross-entropy
+(the default). For hyperparameter grids (Jiang et al. 2020): SGD with momentum, L2 weight decay
+(``torch.optim``'s ``weight_decay``, for both optimizers) and ``stop_at_loss``: training stops after
+the first epoch whose training cross-entropy (eval mode, whole training set) is at most that value,
+``epochs`` staying the cap.
 Sec. 6.1: a seeded fraction of the training labels is replaced by uniformly random ones; the labels
 actually trained on are stored in the checkpoint.
 """
@@ -27,6 +31,7 @@ from nfm_cli.progress import ProgressFn, report
 from nfm_cli.rng import derive_seed, keyed_generator
 
 EVAL_BATCH = 1024
+OPTIMIZERS = ("adam", "sgd")
 # --width / --depth map to these constructor arguments (mlp: hidden width and hidden layers;
 # wrn16-4: width factor k and total depth 6n+4, e.g. --depth 10 --width 1 for a tiny WRN-10-1)
 _SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
@@ -45,6 +50,10 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    stop_at_loss: float | None = None
     seed: int = 0
     train_size: int | None = None
     test_size: int | None = None
@@ -68,6 +77,7 @@ class TrainConfig:
                 raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise NfmError(f"--lr must be a positive number, not {self.lr}")
+        self._validate_optimizer()
         for name in ("width", "depth"):
             if getattr(self, name) is not None and self.model not in _SIZE_ARGS:
                 raise NfmError(f"--{name} applies to {' and '.join(_SIZE_ARGS)} only, not {self.model}")
@@ -75,6 +85,28 @@ class TrainConfig:
             model_from_spec(self.model_spec())
         except (TypeError, ValueError) as exc:
             raise NfmError(f"cannot build {self.model}: {exc}") from None
+
+    def _validate_optimizer(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise NfmError(f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+        for name in ("momentum", "weight_decay"):
+            if not (0 <= getattr(self, name) < math.inf):
+                raise NfmError(f"--{name.replace('_', '-')} must be a non-negative number, not {getattr(self, name)}")
+        if self.momentum >= 1:
+            raise NfmError(f"--momentum must be below 1, not {self.momentum}")
+        if self.optimizer == "adam" and self.momentum != 0:
+            raise NfmError("--momentum applies to --optimizer sgd only (Adam uses its default betas)")
+        if self.stop_at_loss is not None and not (0 <= self.stop_at_loss < math.inf):
+            raise NfmError(f"--stop-at-loss must be a non-negative number, not {self.stop_at_loss}")
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def reached_stop_loss(self, metrics: dict[str, Any]) -> bool:
+        loss = metrics.get("train_loss")
+        return self.stop_at_loss is not None and loss is not None and loss <= self.stop_at_loss
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +151,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
     spec = config.model_spec()
 
     previous = None if force or not out.exists() else _previous_run(out, config)
-    if previous is not None and previous["progress"]["epochs_done"] >= config.epochs:
+    if previous is not None and (previous["progress"]["epochs_done"] >= config.epochs
+                                 or config.reached_stop_loss(previous["metrics"])):
         return TrainResult(out, "already complete", previous["progress"]["epochs_done"],
                            previous["metrics"], previous["wall_time"])
 
@@ -136,7 +169,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
         torch.manual_seed(derive_seed(config.seed, "init"))
         model = model_from_spec(spec)
     model.to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = config.make_optimizer(model.parameters())
     start_epoch, history, wall = 0, [], 0.0
     if previous is not None:
         start_epoch, history, wall = _restore(previous, model, optimizer, indices, labels, out, dev)
@@ -174,7 +207,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
         if metrics.get("diverged"):
             raise NfmError(f"training diverged at epoch {epoch + 1} (loss is NaN/inf); the checkpoint "
                            "records it; try a smaller --lr", out)
-    return TrainResult(out, "resumed" if previous else "trained", config.epochs, metrics, wall)
+        if config.reached_stop_loss(metrics):
+            break
+    return TrainResult(out, "resumed" if previous else "trained", len(history), metrics, wall)
 
 
 @torch.no_grad()
@@ -200,7 +235,8 @@ def _previous_run(out: Path, config: TrainConfig) -> dict[str, Any]:
         raise NfmError(f"exists and is a {art.kind} file, not a checkpoint; choose another --out", out)
     old = art.require("config", dict)
     new = config.identity()
-    diff = [k for k in new if old.get(k) != new[k]]
+    defaults = TrainConfig().to_json()  # fields added later: a checkpoint without them used the default
+    diff = [k for k in new if old.get(k, defaults[k]) != new[k]]
     if diff:
         k = diff[0]
         raise NfmError(f"exists with another config ({k}: {old.get(k)!r} there, {new[k]!r} now); "
@@ -248,10 +284,10 @@ def _save(out, config, spec, model, optimizer, indices, labels, epochs_done, met
         "config": config.to_json(),
         "model": spec,
         "progress": {"epochs_done": epochs_done, "epochs": config.epochs,
-                     "complete": epochs_done >= config.epochs},
+                     "complete": epochs_done >= config.epochs or config.reached_stop_loss(metrics)},
         "metrics": dict(metrics, random_ratio=config.random_ratio),
         "history": history,
-        "optimizer": {"name": "adam", "param_groups": opt["param_groups"]},
+        "optimizer": {"name": config.optimizer, "param_groups": opt["param_groups"]},
         "wall_time": wall,
         "data": {"inputs_sha256": inputs_hash, "samples": len(labels)},
         "version": __version__,

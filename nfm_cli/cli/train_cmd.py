@@ -21,7 +21,14 @@ def train_command(
                                        "uniformly random ones (Sec. 6.1), in [0, 1]."),
     epochs: int = typer.Option(50, help="Epochs to train (Appendix E: 50 on MNIST)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Minibatch size."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (default betas, no weight decay)."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    optimizer: str = typer.Option("adam", help="adam (default betas; the paper's Appendix E) or sgd."),
+    momentum: float = typer.Option(0.0, help="SGD momentum in [0, 1) (sgd only; e.g. 0.9)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 weight decay added to the gradient "
+                                       "(torch.optim's weight_decay; default none, as in the paper)."),
+    stop_at_loss: Optional[float] = typer.Option(None, "--stop-at-loss", help="Stop after the first epoch whose "
+                                                 "training cross-entropy is at most this (e.g. 0.01, Jiang et al. "
+                                                 "2020); --epochs stays the cap."),
     seed: int = typer.Option(0, help="Seed for init, subset, random labels and shuffling."),
     width: Optional[int] = typer.Option(None, help="mlp: hidden width (default 512); wrn16-4: width factor k (4)."),
     depth: Optional[int] = typer.Option(None, help="mlp: hidden layers (default 3); wrn16-4: depth 6n+4 (16)."),
@@ -40,7 +47,8 @@ def train_command(
     Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
     """
     config = TrainConfig(model=model, dataset=dataset, width=width, depth=depth, random_ratio=random_ratio, epochs=epochs,
-                         batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, test_size=test_size,
+                         batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                         weight_decay=weight_decay, stop_at_loss=stop_at_loss, seed=seed, train_size=train_size, test_size=test_size,
                          data_dir=str(data_dir) if data_dir else None)
     with progress_bar(quiet) as progress:
         result = train(config, out, device=device, force=force, download=download, progress=progress)
