@@ -26,12 +26,15 @@ from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import model_from_spec, tensor_hash
 from nfm_cli.data import dataset_info, load_split, randomize_labels, subset_indices
 from nfm_cli.devices import resolve_device
+from nfm_cli import interrupt
 from nfm_cli.errors import NfmError
 from nfm_cli.progress import ProgressFn, report
 from nfm_cli.rng import derive_seed, keyed_generator
 
 EVAL_BATCH = 1024
 OPTIMIZERS = ("adam", "sgd")
+SAVE_EVERY_SECONDS = 60.0
+RUNNING_LOSS = "train.running_loss"  # the epoch's loss sum so far, in checkpoints saved inside an epoch
 # --width / --depth map to these constructor arguments (mlp: hidden width and hidden layers;
 # wrn16-4: width factor k and total depth 6n+4, e.g. --depth 10 --width 1 for a tiny WRN-10-1)
 _SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
@@ -131,17 +134,25 @@ class TrainResult:
     epochs_done: int
     metrics: dict[str, Any]
     wall_time: float
+    resumed_from: tuple[int, int] | None = None  # (epochs, batches of the next) found in the checkpoint
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", force: bool = False,
-          download: bool = False, progress: ProgressFn = None) -> TrainResult:
-    """Train (or resume training) and checkpoint to ``out`` after every epoch.
+          download: bool = False, progress: ProgressFn = None,
+          save_every: float = SAVE_EVERY_SECONDS) -> TrainResult:
+    """Train (or resume training) and checkpoint to ``out``.
 
-    An incomplete checkpoint at ``out`` with the same config is resumed from its last epoch; a
-    complete one is left alone unless ``force``; one with another config or kind is refused.
-    Epochs may be raised on an existing run: epoch e's randomness depends only on (seed, e).
+    The checkpoint is written every ``save_every`` seconds (checked after every minibatch, so a save
+    may fall inside an epoch), at the end, and, when the training loop stops on an exception or a
+    signal (see ``nfm_cli.interrupt``), with the progress made so far; a signal then raises
+    ``Interrupted`` naming what was saved. An incomplete checkpoint at ``out`` with the same config
+    is resumed from where it stopped, bit-identically; a complete one is left alone unless
+    ``force``; one with another config or kind is refused. Epochs may be raised on an existing run:
+    epoch e's randomness depends only on (seed, e).
     """
     config.validate()
+    if not save_every >= 0:
+        raise NfmError(f"--save-every must be a number of seconds >= 0, not {save_every}")
     out = Path(out)
     if out.is_dir():
         raise NfmError("output path is a directory; give a file name such as run.safetensors", out)
@@ -156,60 +167,151 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
         return TrainResult(out, "already complete", previous["progress"]["epochs_done"],
                            previous["metrics"], previous["wall_time"])
 
-    train_split = load_split(config.dataset, True, config.data_dir, download)
-    test_split = load_split(config.dataset, False, config.data_dir, download)
-    indices = subset_indices(len(train_split), config.train_size, config.seed)
-    labels = randomize_labels(train_split.y[indices], config.random_ratio, spec["args"]["num_classes"], config.seed)
-    test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
-    inputs_hash = tensor_hash(train_split.x[indices])
-    x_train, y_train = train_split.x[indices].to(dev), labels.to(dev)
-    x_test, y_test = test_split.x[test_idx].to(dev), test_split.y[test_idx].to(dev)
-
+    data = _training_data(config, spec, dev, download)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
         model = model_from_spec(spec)
     model.to(dev)
     optimizer = config.make_optimizer(model.parameters())
-    start_epoch, history, wall = 0, [], 0.0
+    run = _Run(model, optimizer, running=torch.zeros((), device=dev))
     if previous is not None:
-        start_epoch, history, wall = _restore(previous, model, optimizer, indices, labels, out, dev)
-        if previous["art"].meta.get("data", {}).get("inputs_sha256") != inputs_hash:
-            raise NfmError("exists but was trained on other input data (dataset files changed?); "
-                           "use --force or another --out", out)
+        _restore(previous, run, data, math.ceil(len(data.labels) / config.batch_size), out, dev)
+    resumed_from = (run.epoch, run.batch) if previous is not None else None
+    _loop(run, data, config, spec, out, save_every, progress)
+    return TrainResult(out, "resumed" if previous else "trained", run.epoch, run.metrics, run.wall,
+                       resumed_from)
 
-    n = len(y_train)
+
+@dataclass
+class _Data:
+    indices: torch.Tensor
+    labels: torch.Tensor
+    inputs_hash: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass
+class _Run:
+    """The training state that a checkpoint holds: position (``batch`` minibatches into epoch
+    ``epoch + 1``), weights, optimizer, the epoch's running loss sum, history and time spent."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    running: torch.Tensor
+    epoch: int = 0
+    batch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    metrics: dict = dataclasses.field(default_factory=dict)
+    wall: float = 0.0
+
+
+def _training_data(config: TrainConfig, spec, dev, download: bool) -> _Data:
+    train_split = load_split(config.dataset, True, config.data_dir, download)
+    test_split = load_split(config.dataset, False, config.data_dir, download)
+    indices = subset_indices(len(train_split), config.train_size, config.seed)
+    labels = randomize_labels(train_split.y[indices], config.random_ratio, spec["args"]["num_classes"], config.seed)
+    test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
+    x = train_split.x[indices]
+    return _Data(indices, labels, tensor_hash(x), x.to(dev), labels.to(dev),
+                 test_split.x[test_idx].to(dev), test_split.y[test_idx].to(dev))
+
+
+def _loop(run: _Run, data: _Data, config: TrainConfig, spec, out: Path, save_every: float,
+          progress: ProgressFn) -> None:
+    """The epochs from ``run``'s position on; saves as ``train`` describes."""
+    n = len(data.y_train)
     batches = math.ceil(n / config.batch_size)
-    metrics: dict[str, Any] = previous["metrics"] if previous else {}
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=keyed_generator(config.seed, "epoch", epoch)).to(dev)
-        running = torch.zeros((), device=dev)
-        for b in range(batches):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach() * len(idx)
-            report(progress, "batch", b + 1, batches, epoch=epoch + 1, epochs=config.epochs)
-        metrics = _evaluate(model, x_train, y_train, x_test, y_test)
-        metrics["epoch_loss"] = float(running) / n
-        metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        if any(v is None for v in metrics.values()):
-            metrics["diverged"] = True
-        history.append(dict(metrics, epoch=epoch + 1))
-        wall += time.perf_counter() - t0
-        _save(out, config, spec, model, optimizer, indices, labels, epoch + 1, metrics, history, wall,
-              inputs_hash)
-        report(progress, "epoch", epoch + 1, config.epochs, loss=metrics["epoch_loss"],
-               train_acc=metrics["train_acc"], test_acc=metrics["test_acc"])
-        if metrics.get("diverged"):
-            raise NfmError(f"training diverged at epoch {epoch + 1} (loss is NaN/inf); the checkpoint "
-                           "records it; try a smaller --lr", out)
-        if config.reached_stop_loss(metrics):
-            break
-    return TrainResult(out, "resumed" if previous else "trained", len(history), metrics, wall)
+    start, wall_before = time.perf_counter(), run.wall
+    saved = (run.epoch, run.batch)
+    last_save = time.monotonic()
+
+    def save() -> None:
+        nonlocal saved, last_save
+        run.wall = wall_before + time.perf_counter() - start
+        _save(out, config, spec, run, data)
+        saved, last_save = (run.epoch, run.batch), time.monotonic()
+
+    consistent = True
+    try:
+        with interrupt.deferred():
+            while run.epoch < config.epochs:
+                consistent = False
+                _train_epoch(run, data, config, batches, progress)
+                consistent = True
+                run.metrics = _epoch_metrics(run, data, n)
+                run.history.append(dict(run.metrics, epoch=run.epoch + 1))
+                run.epoch, run.batch = run.epoch + 1, 0
+                run.running = torch.zeros_like(run.running)
+                stop = config.reached_stop_loss(run.metrics)
+                if (run.epoch == config.epochs or stop or run.metrics.get("diverged")
+                        or time.monotonic() - last_save >= save_every):
+                    save()
+                report(progress, "epoch", run.epoch, config.epochs, loss=run.metrics["epoch_loss"],
+                       train_acc=run.metrics["train_acc"], test_acc=run.metrics["test_acc"])
+                if run.metrics.get("diverged"):
+                    raise NfmError(f"training diverged at epoch {run.epoch} (loss is NaN/inf); the checkpoint "
+                                   "records it; try a smaller --lr", out)
+                if stop:
+                    break
+                _check_signal()
+    except _StopRequested as stop:
+        if (run.epoch, run.batch) != saved:
+            save()
+        raise interrupt.Interrupted(stop.signum, _describe_position(run, batches, out)) from None
+    except BaseException:
+        if consistent and (run.epoch, run.batch) != saved and not run.metrics.get("diverged"):
+            try:
+                save()
+            except NfmError:
+                pass
+        raise
+    run.wall = wall_before + time.perf_counter() - start
+
+
+class _StopRequested(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _train_epoch(run: _Run, data: _Data, config: TrainConfig, batches: int, progress: ProgressFn) -> None:
+    """Minibatches ``run.batch``.. of epoch ``run.epoch + 1``; stops early (raising ``_StopRequested``)
+    between two minibatches when a signal is pending, with ``run`` consistent."""
+    dev = data.y_train.device
+    run.model.train()
+    order = torch.randperm(len(data.y_train), generator=keyed_generator(config.seed, "epoch", run.epoch)).to(dev)
+    for b in range(run.batch, batches):
+        idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+        loss = F.cross_entropy(run.model(data.x_train[idx]), data.y_train[idx])
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.running += loss.detach() * len(idx)
+        run.batch = b + 1
+        report(progress, "batch", b + 1, batches, epoch=run.epoch + 1, epochs=config.epochs)
+        _check_signal()
+
+
+def _check_signal() -> None:
+    signum = interrupt.take()
+    if signum is not None:
+        raise _StopRequested(signum)
+
+
+def _epoch_metrics(run: _Run, data: _Data, n: int) -> dict[str, Any]:
+    metrics = _evaluate(run.model, data.x_train, data.y_train, data.x_test, data.y_test)
+    metrics["epoch_loss"] = float(run.running) / n
+    metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+    if any(v is None for v in metrics.values()):
+        metrics["diverged"] = True
+    return metrics
+
+
+def _describe_position(run: _Run, batches: int, out: Path) -> str:
+    where = f"{run.epoch} epochs" + (f" and {run.batch}/{batches} batches of the next" if run.batch else "")
+    return f"saved {where} to {out}"
 
 
 @torch.no_grad()
@@ -245,6 +347,12 @@ def _previous_run(out: Path, config: TrainConfig) -> dict[str, Any]:
     if prog.get("epochs_done", 0) > config.epochs:
         raise NfmError(f"already has {prog['epochs_done']} epochs, more than --epochs {config.epochs}; "
                        "use --force to retrain or choose another --out", out)
+    inside = prog.get("batches_done", 0)
+    if not isinstance(inside, int) or isinstance(inside, bool) or inside < 0:
+        raise NfmError("checkpoint has a malformed nfm.progress.batches_done entry", out)
+    if inside and prog.get("epochs_done", 0) >= config.epochs:
+        raise NfmError(f"is partway through epoch {prog.get('epochs_done', 0) + 1}, beyond --epochs "
+                       f"{config.epochs}; give --epochs {prog.get('epochs_done', 0) + 1} or more, or --force", out)
     if (art.meta.get("metrics") or {}).get("diverged"):
         raise NfmError("holds a run that diverged; use --force to retrain it", out)
     return {"art": art, "progress": prog, "metrics": art.meta.get("metrics") or {},
@@ -252,44 +360,57 @@ def _previous_run(out: Path, config: TrainConfig) -> dict[str, Any]:
             "optimizer": art.require("optimizer", dict)}
 
 
-def _restore(previous, model, optimizer, indices, labels, out, dev):
+def _restore(previous, run: _Run, data: _Data, batches: int, out: Path, dev) -> None:
     art = previous["art"]
-    if not (torch.equal(art.tensor("data.indices"), indices) and torch.equal(art.tensor("data.labels"), labels)):
+    if art.meta.get("data", {}).get("inputs_sha256") != data.inputs_hash:
+        raise NfmError("exists but was trained on other input data (dataset files changed?); "
+                       "use --force or another --out", out)
+    if not (torch.equal(art.tensor("data.indices"), data.indices)
+            and torch.equal(art.tensor("data.labels"), data.labels)):
         raise NfmError("exists but its training data differs from what this config draws "
                        "(dataset files changed?); use --force or another --out", out)
     try:
-        model.load_state_dict({k[6:]: v for k, v in art.tensors.items() if k.startswith("model.")})
+        run.model.load_state_dict({k[6:]: v for k, v in art.tensors.items() if k.startswith("model.")})
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in art.tensors.items():
             if key.startswith("optim."):
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = tensor
-        optimizer.load_state_dict({"state": state, "param_groups": previous["optimizer"]["param_groups"]})
+        run.optimizer.load_state_dict({"state": state, "param_groups": previous["optimizer"]["param_groups"]})
     except (RuntimeError, ValueError, KeyError) as exc:
         raise NfmError(f"cannot resume from it: {str(exc).splitlines()[0][:120]}; use --force", out) from None
-    model.to(dev)
-    return previous["progress"]["epochs_done"], list(previous["history"]), previous["wall_time"]
+    run.model.to(dev)
+    run.epoch, run.batch = previous["progress"]["epochs_done"], previous["progress"].get("batches_done", 0)
+    if run.batch >= batches:
+        raise NfmError(f"records {run.batch} minibatches into an epoch of {batches} (corrupt file?); use --force", out)
+    if run.batch:
+        run.running = art.tensor(RUNNING_LOSS).to(dev)
+    run.history, run.wall, run.metrics = list(previous["history"]), previous["wall_time"], dict(previous["metrics"])
 
 
-def _save(out, config, spec, model, optimizer, indices, labels, epochs_done, metrics, history, wall, inputs_hash):
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors["data.indices"] = indices
-    tensors["data.labels"] = labels
-    opt = optimizer.state_dict()
+def _save(out: Path, config: TrainConfig, spec, run: _Run, data: _Data) -> None:
+    tensors = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+    tensors["data.indices"] = data.indices
+    tensors["data.labels"] = data.labels
+    opt = run.optimizer.state_dict()
     for idx, state in opt["state"].items():
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    complete = run.batch == 0 and (run.epoch >= config.epochs or config.reached_stop_loss(run.metrics))
+    progress = {"epochs_done": run.epoch, "epochs": config.epochs, "complete": complete}
+    if run.batch:  # saved inside an epoch: the position in it and the epoch's loss sum so far
+        progress["batches_done"] = run.batch
+        tensors[RUNNING_LOSS] = run.running
     from nfm_cli import __version__
     meta = {
         "config": config.to_json(),
         "model": spec,
-        "progress": {"epochs_done": epochs_done, "epochs": config.epochs,
-                     "complete": epochs_done >= config.epochs or config.reached_stop_loss(metrics)},
-        "metrics": dict(metrics, random_ratio=config.random_ratio),
-        "history": history,
+        "progress": progress,
+        "metrics": dict(run.metrics, random_ratio=config.random_ratio),
+        "history": run.history,
         "optimizer": {"name": config.optimizer, "param_groups": opt["param_groups"]},
-        "wall_time": wall,
-        "data": {"inputs_sha256": inputs_hash, "samples": len(labels)},
+        "wall_time": run.wall,
+        "data": {"inputs_sha256": data.inputs_hash, "samples": len(data.labels)},
         "version": __version__,
     }
     write_artifact(out, tensors, "checkpoint", meta)

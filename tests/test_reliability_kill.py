@@ -8,8 +8,9 @@ uninterrupted run bit for bit: every tensor ``torch.equal`` with the same dtype 
 entry equal, except ``nfm.wall_time`` (the seconds spent, which no two runs share). No ``.*.tmp``
 file may remain after the successful rerun.
 
-hessian-diag saves its partial state every 60 s by default; to kill it between and during partial
-saves, the killed runs go through a launcher that sets ``save_every_seconds=0`` (a save after every
+train and hessian-diag save their partial state every 60 s by default. train's runs here pass
+``--save-every 0`` (a save after every minibatch); to kill hessian-diag between and during partial
+saves, its killed runs go through a launcher that sets ``save_every_seconds=0`` (a save after every
 unit) and then calls the same CLI entry point; the reruns are the plain CLI.
 
 The uninterrupted reference is computed in-process with the same core functions the CLI calls
@@ -38,7 +39,7 @@ from nfm_cli.pipeline import measure_checkpoint
 from nfm_cli.training import TrainConfig, train
 
 TRAIN_ARGS = ["--dataset", "synthetic", "--width", "16", "--epochs", "6", "--train-size", "256",
-              "--test-size", "64", "--random-ratio", "0.3", "--seed", "0", "--quiet"]
+              "--test-size", "64", "--random-ratio", "0.3", "--seed", "0", "--quiet", "--save-every", "0"]
 TRAIN_CONFIG = dict(model="mlp", dataset="synthetic", width=16, epochs=6, train_size=256, test_size=64,
                     random_ratio=0.3, seed=0)
 HDIAG_ARGS = {"exact": ["--estimator", "exact"],

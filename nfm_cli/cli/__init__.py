@@ -7,13 +7,14 @@ progress bars on stderr, the written path or JSON on stdout). Every failure the 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Optional
 
 import typer
 from typer._click import exceptions as click_exceptions
 
-from nfm_cli import __version__, distributed
+from nfm_cli import __version__, distributed, interrupt
 from nfm_cli.errors import NfmError
 
 app = typer.Typer(
@@ -41,14 +42,48 @@ def _root(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    threads: Optional[int] = typer.Option(None, "--threads", envvar="NFM_THREADS", min=1,
+                                          help="CPU threads for the math (default: one per core). With several "
+                                          "jobs side by side give each cores/jobs, e.g. NFM_THREADS=1 for "
+                                          "`xargs -P $(nproc)`."),
 ) -> None:
     """Global options (give them before the command, e.g. ``nfm --debug train ...``)."""
+    if threads is not None:
+        set_threads(threads)
+
+
+def set_threads(n: int) -> None:
+    """One pool of ``n`` threads per library that computes: torch's (OpenMP, MKL) for the math, and
+    the BLAS that numpy/scipy load (the spectral norm); no extra inter-op pool."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)      # for libraries loaded from here on
+    import torch
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:              # already set, or inter-op work already started: keep it
+        pass
 
 
 def _fail(message: str, code: int) -> None:
     sys.stderr.write("nfm: error: " + " ".join(message.split()) + "\n")
     sys.stderr.flush()
     sys.exit(code)
+
+
+def _interrupted(stop: interrupt.Interrupted) -> None:
+    """One line for Ctrl-C / SIGTERM, then the shell's exit code for that signal (130 / 143)."""
+    saved = f"; {stop.saved}" if stop.saved else ""
+    _fail_plain(f"nfm: interrupted by {stop.signal_name}{saved}; rerun the same command to resume "
+                "where it stopped", stop.exit_code)
+
+
+def _fail_plain(line: str, code: int) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    finally:
+        sys.exit(code)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -60,8 +95,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout = open(os.devnull, "w")
         from nfm_cli.cli.render import console
         console.quiet = True
+    previous_handlers = interrupt.install()   # SIGINT/SIGTERM -> Interrupted: loops save, then stop
     try:
         code = command.main(args=args, prog_name="nfm", standalone_mode=False)
+        if code == 130:  # typer turned a KeyboardInterrupt into Exit(130) (no nfm command returns 130)
+            _interrupted(interrupt.Interrupted(signal.SIGINT))
+    except interrupt.Interrupted as stop:
+        _interrupted(stop)
     except NfmError as err:
         if debug:
             raise
@@ -76,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         _fail(err.format_message(), err.exit_code or EXIT_ERROR)
     except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted; rerun the same command to resume where it stopped", 130)
+        _interrupted(interrupt.Interrupted(signal.SIGINT))
     except BrokenPipeError:
         sys.exit(EXIT_ERROR)
     except Exception as exc:  # an nfm bug, not the user's: still one line unless --debug
@@ -86,6 +126,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         _fail(f"internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
               EXIT_INTERNAL)
     finally:
+        interrupt.restore(previous_handlers)
         distributed.shutdown()          # tear down the torchrun process group, if any
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -39,11 +39,16 @@ def train_command(
                                             "before $NFM_DATA and /usr/share/datasets/<name>)."),
     download: bool = typer.Option(False, "--download", help="Allow torchvision to download the dataset."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
+    save_every: float = typer.Option(60.0, "--save-every", metavar="SECONDS", help="Write the checkpoint at most "
+                                     "this often (and at the end, and on Ctrl-C or SIGTERM); 0 saves after every "
+                                     "minibatch. Resuming is bit-identical whenever it was saved."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Train a model with part of the labels randomized (Sec. 6.1, Appendix E) and checkpoint every epoch.
+    """Train a model with part of the labels randomized (Sec. 6.1, Appendix E), checkpointing as it goes.
 
+    Ctrl-C or SIGTERM (e.g. a scheduler's time limit) saves the progress and exits (130 / 143); rerun
+    the same command to continue exactly where it stopped.
     Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
     """
     config = TrainConfig(model=model, dataset=dataset, width=width, depth=depth, random_ratio=random_ratio, epochs=epochs,
@@ -51,11 +56,15 @@ def train_command(
                          weight_decay=weight_decay, stop_at_loss=stop_at_loss, seed=seed, train_size=train_size, test_size=test_size,
                          data_dir=str(data_dir) if data_dir else None)
     with progress_bar(quiet) as progress:
-        result = train(config, out, device=device, force=force, download=download, progress=progress)
+        result = train(config, out, device=device, force=force, download=download, progress=progress,
+                       save_every=save_every)
     m = result.metrics
     if result.status == "already complete":
         console.print(f"{out}: already complete ({result.epochs_done} epochs); use --force to retrain")
     elif not quiet:
+        if result.resumed_from is not None:
+            epochs, batches = result.resumed_from
+            console.print(f"resumed after {epochs} epochs" + (f" and {batches} minibatches" if batches else ""))
         console.print(f"{result.status} {result.epochs_done} epochs in {result.wall_time:.1f}s: "
                       f"train acc {m.get('train_acc', float('nan')):.4f}, test acc {m.get('test_acc', float('nan')):.4f}, "
                       f"gap {m.get('gap', float('nan')):.4f}")
