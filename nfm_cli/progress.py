@@ -22,3 +22,12 @@ def report(progress: ProgressFn, task: str, done: int, total: int, **info) -> No
     """Send one event if a callback was given."""
     if progress is not None:
         progress(ProgressEvent(task, done, total, info))
+
+
+NOTE = "note"
+
+
+def note(progress: ProgressFn, message: str) -> None:
+    """A one-line message for the user (e.g. "waiting for a lock", "batch halved after out of memory"):
+    an event of task ``NOTE`` with ``info["message"]``; renderers print it as a line, not a bar."""
+    report(progress, NOTE, 0, 0, message=message)

@@ -105,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except NfmError as err:
         if debug:
             raise
-        _fail(str(err), EXIT_ERROR)
+        _fail(str(err), getattr(err, "exit_code", EXIT_ERROR))
     except click_exceptions.UsageError as err:
         if debug:
             raise

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import app
+from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.render import console, progress_bar
 from nfm_cli.hessian import DEFAULT_PROBES, FD_SCALE, compute_hessian_diagonal
 
@@ -37,6 +38,7 @@ def hessian_diag_command(
                                             "where the checkpoint was trained."),
     force: bool = typer.Option(False, "--force", help="Start over, replacing whatever is at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    wait: bool = wait_option(),
 ) -> None:
     """Diagonal of the Hessian of the mean training loss, one tensor per parameter (eq. 5; h in eq. 17).
 
@@ -44,7 +46,7 @@ def hessian_diag_command(
 
     Saves its progress every minute; rerun the same command to continue. Prints the output path on stdout.
     """
-    with progress_bar(quiet) as progress:
+    with locked(out, wait, "nfm hessian-diag"), progress_bar(quiet) as progress:
         result = compute_hessian_diagonal(checkpoint, out, loss=loss, estimator=estimator, probes=probes,
                                           samples=samples, batch_size=batch_size, seed=seed, device=device,
                                           force=force, finite_diff_scale=finite_diff_scale, progress=progress,

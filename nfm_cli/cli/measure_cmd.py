@@ -8,8 +8,9 @@ import typer
 from rich.table import Table
 
 from nfm_cli.cli import app
+from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.render import console, print_json, progress_bar
-from nfm_cli.pipeline import measure_checkpoint, solve_variance
+from nfm_cli.pipeline import default_measures_path, measure_checkpoint, solve_variance
 
 TOTALS = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm",
           "frobenius_norm_sq", "spectral_norm_product", "clipped_fraction")
@@ -55,9 +56,10 @@ def solve_variance_command(
     tol: float = typer.Option(1e-10, help="Stop when the relative objective change and optimality residual are below."),
     max_iter: int = typer.Option(10_000, "--max-iter", help="Iteration cap per layer."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    wait: bool = wait_option(),
 ) -> None:
     """Solve problem (17) per weight matrix (lambda = 1/2, h clipped at 0) and compute the rival measures."""
-    with progress_bar(as_json) as progress:
+    with locked(out, wait, "nfm solve-variance"), progress_bar(as_json) as progress:
         result = solve_variance(checkpoint, hdiag, out, trace_hdiag=trace_hdiag, tol=tol, max_iter=max_iter,
                                 progress=progress)
     _finish(result, as_json)
@@ -83,9 +85,12 @@ def measure_command(
     max_iter: int = typer.Option(10_000, "--max-iter", help="Solver iteration cap per layer."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the outputs exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    wait: bool = wait_option(),
 ) -> None:
     """Normalized sharpness and its rivals of one checkpoint: Hessian diagonals, Fisher-Rao norm, solve."""
-    with progress_bar(as_json) as progress:
+    # one lock for the measures file and its kept Hessian files (named after it)
+    lock = locked(out or default_measures_path(checkpoint), wait, "nfm measure")
+    with lock, progress_bar(as_json) as progress:
         result = measure_checkpoint(checkpoint, out, estimator=estimator, samples=samples, probes=probes,
                                     batch_size=batch_size, seed=seed, device=device,
                                     precision=precision, keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter,

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from nfm_cli.progress import ProgressEvent
+from nfm_cli.progress import NOTE, ProgressEvent
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough for the tables, no wrapping of names
@@ -39,6 +39,9 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
 
     def on_event(event: ProgressEvent) -> None:
         nonlocal started
+        if event.task == NOTE:      # a one-line message above the bars, not a bar
+            print_note(event.info.get("message", ""))
+            return
         if not started:
             bars.start()
             started = True
@@ -58,6 +61,17 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
     finally:
         if started:
             bars.stop()
+
+
+def print_note(message: str) -> None:
+    """One line on stderr (above any live progress bars)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def note_printer(event: ProgressEvent) -> None:
+    """A progress callback that prints notes only (for --quiet runs and steps without bars)."""
+    if event.task == NOTE:
+        print_note(event.info.get("message", ""))
 
 
 def print_json(obj: Any) -> None:

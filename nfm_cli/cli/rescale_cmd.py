@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import app
+from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.render import console
 from nfm_cli.rescale import rescale_checkpoint
 
@@ -24,13 +25,15 @@ def rescale_command(
     seed: int = typer.Option(0, help="Seed for --random-range."),
     pair: int = typer.Option(0, help="--mode layer: which pair of ReLU-joined weight layers (0 = first)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset folder, if not where training found it."),
+    wait: bool = wait_option(),
 ) -> None:
     """Write a function-preserving rescaled copy of a checkpoint, checked on a batch of training inputs.
 
     Normalized and matrix-normalized sharpness must not change; the Hessian trace and weight norms do.
     """
-    result = rescale_checkpoint(checkpoint, out, mode, alpha=alpha, random_range=random_range, seed=seed,
-                                pair=pair, data_dir=data_dir)
+    with locked(out, wait, "nfm rescale"):
+        result = rescale_checkpoint(checkpoint, out, mode, alpha=alpha, random_range=random_range, seed=seed,
+                                    pair=pair, data_dir=data_dir)
     console.print(f"rescaled {len(result.touched)} layers ({mode}); outputs unchanged up to max abs diff "
                   f"{result.max_abs_diff:.3g} (logits up to {result.max_abs_logit:.3g})")
     typer.echo(str(result.path))

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import app
+from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.render import console, progress_bar
 from nfm_cli.training import TrainConfig, train
 
@@ -44,6 +45,7 @@ def train_command(
                                      "minibatch. Resuming is bit-identical whenever it was saved."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    wait: bool = wait_option(),
 ) -> None:
     """Train a model with part of the labels randomized (Sec. 6.1, Appendix E), checkpointing as it goes.
 
@@ -55,7 +57,7 @@ def train_command(
                          batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay, stop_at_loss=stop_at_loss, seed=seed, train_size=train_size, test_size=test_size,
                          data_dir=str(data_dir) if data_dir else None)
-    with progress_bar(quiet) as progress:
+    with locked(out, wait, "nfm train"), progress_bar(quiet) as progress:
         result = train(config, out, device=device, force=force, download=download, progress=progress,
                        save_every=save_every)
     m = result.metrics
