@@ -50,11 +50,13 @@ from nfm_cli.hessian.estimators import ESTIMATORS, Estimator, make_estimator
 from nfm_cli.hessian.exact import check_exact_supported
 from nfm_cli.hessian.stochastic import FD_SCALE
 from nfm_cli.losses import LOSS_NAMES
+from nfm_cli.memory import available_bytes
 from nfm_cli.progress import ProgressFn, report
 
 KIND = "hessian-diag"
 MAX_AUTO_BATCH = 512
 AUTO_BATCH_BYTES = 2 << 30         # activation memory the automatic batch size aims at
+MEMORY_SHARE = 0.5                 # ... at most this share of the memory still available (memory.py)
 # live memory per sample, in units of the layer outputs of one forward pass (measured on WRN-16-4:
 # exact ~3.6x, plus the separately bounded unfold cache; double backward about twice that)
 MEMORY_FACTOR = {"exact": 4, "hutchinson": 8, "finite-diff": 4}
@@ -157,8 +159,10 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
             raise NfmError(f"--samples {samples} is more than the {n_total} training samples of the checkpoint; "
                            "leave it out to use all of them")
     use = n_total if samples is None else samples
-    if batch_size is None:
-        batch_size = auto_batch_size(model, x_all[:1], estimator, use)
+    if batch_size is None:          # a partial run keeps its batch size, whatever memory is free now
+        batch_size = _partial_batch_size(out, force) or auto_batch_size(model, x_all[:1], estimator, use, dev)
+        if ctx.active:              # ranks see different free memory: all take the smallest
+            batch_size = -distributed.max_ints(ctx, [-batch_size])[0]
     batch_size = int(batch_size)
     config = {"loss": loss, "estimator": estimator, "samples": use, "probes": probes,
               "seed": None if (estimator == "exact" and use == n_total) else int(seed),
@@ -176,7 +180,7 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     x, y = x_all[idx].to(dev), y_all[idx].to(dev)
     model.to(dev)
     est = make_estimator(estimator, model, x, y, loss, batch_size=batch_size, probes=probes, seed=int(seed),
-                         finite_diff_scale=finite_diff_scale)
+                         finite_diff_scale=finite_diff_scale, progress=progress)
     state = est.initial_state()
     start, wall_before = 0, 0.0
     if previous is not None:
@@ -217,11 +221,14 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
                          wall, sha, ck.sha256)
 
 
-def auto_batch_size(model: torch.nn.Module, example: torch.Tensor, estimator: str, samples: int) -> int:
+def auto_batch_size(model: torch.nn.Module, example: torch.Tensor, estimator: str, samples: int,
+                    device: torch.device | str | None = None) -> int:
     """The default ``--batch-size``: the largest power of two <= ``MAX_AUTO_BATCH`` (or all samples if
-    fewer) whose estimated live memory fits ``AUTO_BATCH_BYTES``. The estimate is the total size of all leaf
-    modules' outputs for ``example`` (one sample) times ``MEMORY_FACTOR[estimator]``; it depends only on
-    the model and the input shape, so a rerun picks the same batch size (needed to resume).
+    fewer) whose estimated live memory fits the budget: ``AUTO_BATCH_BYTES``, or ``MEMORY_SHARE`` of
+    the memory still available on ``device`` if that is less (cgroup limit, MemAvailable, free GPU
+    memory, ``NFM_MEMORY_LIMIT``: ``nfm_cli.memory``). The estimate is the total size of all leaf
+    modules' outputs for ``example`` (one sample) times ``MEMORY_FACTOR[estimator]``. A partial run
+    is resumed with the batch size it was saved with, whatever memory is free then.
     E.g. MLP and LeNet on 28x28 inputs: 512; WRN-16-4 on CIFAR-10: 64 (exact), 32 (hutchinson).
     """
     total = 0
@@ -240,7 +247,11 @@ def auto_batch_size(model: torch.nn.Module, example: torch.Tensor, estimator: st
         for h in handles:
             h.remove()
     per_sample = max(1, total) * MEMORY_FACTOR.get(estimator, 8)
-    fits = max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_BYTES // per_sample))
+    budget = AUTO_BATCH_BYTES
+    available = available_bytes(device)
+    if available is not None:
+        budget = min(budget, int(MEMORY_SHARE * available))
+    fits = max(1, min(MAX_AUTO_BATCH, budget // per_sample))
     return min(samples, 1 << (int(fits).bit_length() - 1))
 
 
@@ -407,6 +418,18 @@ def _report(progress: ProgressFn, est: Estimator, units_done: int) -> None:
     probe, rest = divmod(units_done, per_probe)
     done = probe * est.passes * est.n + min(est.passes * est.n, rest * est.batch_size)
     report(progress, est.name, done, est.probes * est.passes * est.n, probe=f"{min(probe + 1, est.probes)}/{est.probes}")
+
+
+def _partial_batch_size(out: Path, force: bool) -> int | None:
+    """The batch size a partial hessian-diag file at ``out`` was saved with (None if none)."""
+    if force or not out.is_file():
+        return None
+    try:
+        progress = read_artifact(out, KIND).meta.get("progress")
+    except NfmError:
+        return None                 # _previous_run names the problem
+    size = progress.get("batch_size") if isinstance(progress, dict) and not progress.get("done") else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
 
 def _previous_run(out: Path, config: dict[str, Any], checkpoint_sha: str) -> Artifact:

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from nfm_cli.hessian.exact import exact_diagonal_batch, parameterised_layers
+from nfm_cli.hessian.exact import BatchDiagonal, exact_diagonal_batch, parameterised_layers
+from nfm_cli.hessian.split import SubBatches, add_dicts, combine_with_logits
 from nfm_cli.hessian.stochastic import (FD_SCALE, finite_difference_radii, gaussian_probe, gradient_sum,
                                         hessian_vector_sum, model_parameters, rademacher_probe)
 from nfm_cli.losses import degenerate_mask
+from nfm_cli.progress import ProgressFn
 
 ESTIMATORS = ("exact", "hutchinson", "finite-diff")
 
@@ -53,6 +55,7 @@ class Estimator:
         self.batches = math.ceil(self.n / batch_size)
         self.params = model_parameters(model)
         self.names = list(self.params)
+        self.splitter = SubBatches(batch_size)   # halves the batch on out-of-memory (split.py)
 
     # -- bookkeeping ------------------------------------------------------------------------
     units_total: int = 0
@@ -118,7 +121,8 @@ class ExactEstimator(Estimator):
 
     def run_unit(self, unit, state):
         x, y = self.batch(unit)
-        part = exact_diagonal_batch(self.model, x, y, self.loss, self.layers)
+        part = self.splitter.run(lambda xb, yb: exact_diagonal_batch(self.model, xb, yb, self.loss, self.layers),
+                                 x, y, _combine_exact)
         _add(state, "sum", part.sums)
         state["degenerate"] += part.degenerate
 
@@ -210,7 +214,8 @@ class HutchinsonEstimator(_ProbeEstimator):
         probe, batch = info["probe"], info["batch"]
         z = self.probe(probe)
         x, y = self.batch(batch)
-        hv, logits = hessian_vector_sum(self.model, self.params, x, y, self.loss, z)
+        hv, logits = self.splitter.run(
+            lambda xb, yb: hessian_vector_sum(self.model, self.params, xb, yb, self.loss, z), x, y, combine_with_logits)
         if batch == 0:
             for n in self.names:
                 state[f"pass.{n}"].zero_()
@@ -256,7 +261,9 @@ class FiniteDifferenceEstimator(_ProbeEstimator):
         info = self.describe_unit(unit)
         probe, side, batch = info["probe"], info["side"], info["batch"]
         x, y = self.batch(batch)
-        grads, logits = gradient_sum(self.model, self.point(probe, side), x, y, self.loss)
+        point = self.point(probe, side)
+        grads, logits = self.splitter.run(
+            lambda xb, yb: gradient_sum(self.model, point, xb, yb, self.loss), x, y, combine_with_logits)
         prefix = "plus" if side == 0 else "minus"
         if batch == 0:
             for n in self.names:
@@ -271,6 +278,10 @@ class FiniteDifferenceEstimator(_ProbeEstimator):
             self._finish_probe(estimate, state)
 
 
+def _combine_exact(parts):
+    return BatchDiagonal(add_dicts([p.sums for p in parts]), sum(p.degenerate for p in parts))
+
+
 def _trace_metrics(diagonal: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, Any]:
     traces = {n: float(d.sum()) for n, d in diagonal.items()}
     return {"trace": traces, "trace_total": float(sum(traces.values())),
@@ -281,15 +292,19 @@ def _trace_metrics(diagonal: dict[str, torch.Tensor], state: dict[str, torch.Ten
 
 def make_estimator(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *,
                    batch_size: int, probes: int | None = None, seed: int = 0,
-                   finite_diff_scale: float = FD_SCALE) -> Estimator:
-    """The estimator ``name`` (one of ``ESTIMATORS``) over (x, y); the model must be in eval mode."""
+                   finite_diff_scale: float = FD_SCALE, progress: ProgressFn = None) -> Estimator:
+    """The estimator ``name`` (one of ``ESTIMATORS``) over (x, y); the model must be in eval mode.
+    ``progress`` receives a note when a batch is split after running out of memory."""
     if name == "exact":
-        return ExactEstimator(model, x, y, loss, batch_size)
-    if name == "hutchinson":
-        return HutchinsonEstimator(model, x, y, loss, batch_size, probes, seed)
-    if name == "finite-diff":
-        return FiniteDifferenceEstimator(model, x, y, loss, batch_size, probes, seed, finite_diff_scale)
-    raise ValueError(f"unknown estimator {name!r}")
+        est = ExactEstimator(model, x, y, loss, batch_size)
+    elif name == "hutchinson":
+        est = HutchinsonEstimator(model, x, y, loss, batch_size, probes, seed)
+    elif name == "finite-diff":
+        est = FiniteDifferenceEstimator(model, x, y, loss, batch_size, probes, seed, finite_diff_scale)
+    else:
+        raise ValueError(f"unknown estimator {name!r}")
+    est.splitter.progress = progress
+    return est
 
 
 def estimate_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, estimator: str = "exact",
