@@ -80,6 +80,8 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
         raise NfmError(f"no such file{hint}; expected a {label} file", path)
     if path.is_dir():
         raise NfmError(f"is a directory, not a {label} file", path)
+    if not path.is_file():          # reading a FIFO would wait for a writer forever
+        raise NfmError(f"is not a regular file (a FIFO, socket or device), not a {label} file", path)
     try:
         data = path.read_bytes()
     except OSError as exc:

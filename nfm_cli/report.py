@@ -25,6 +25,7 @@ from scipy import stats
 
 from nfm_cli.artifacts import atomic_write, read_artifact
 from nfm_cli.errors import NfmError
+from nfm_cli.inflight import in_flight_reason
 from nfm_cli.progress import ProgressFn, report
 
 # Flatness / norm measures, in the order tables and CSV columns show them.
@@ -72,7 +73,11 @@ def check_names(measures: Iterable[str], y: str = "gap", runs: Sequence[dict] = 
 
 
 def load_run(path: str | os.PathLike, y: str = "gap") -> dict[str, Any]:
-    """One measures file as a flat run dict; NfmError (naming the file) if unusable."""
+    """One measures file as a flat run dict; NfmError (naming the file) if unusable, including the
+    temp and lock files of writes in flight (``inflight``)."""
+    reason = in_flight_reason(path)
+    if reason is not None:
+        raise NfmError(reason, path)
     art = read_artifact(path, "measures")
     result = art.meta.get("result")
     if not isinstance(result, dict):
