@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,4 +152,70 @@ def test_sharded_hutchinson_shards_probes(ckpt, tmp_path):
     a, b = read_hessian_diagonal(single), read_hessian_diagonal(sharded)
     _assert_close(a.diagonal, b.diagonal, 1e-6)
     _assert_close(a.stderr, b.stderr, 1e-5)
+    assert not _marked_processes()
+
+
+# Like tests/test_signals_hessian.py's launcher, as a script for torchrun: each worker prints its rank
+# and pid; rank 0 echoes the driver's progress reports and waits for a line on stdin at one of them.
+LAUNCH_SCRIPT = """\
+import os, sys
+print(f"PID {os.environ.get('RANK', '0')} {os.getpid()}", flush=True)
+import nfm_cli.hessian.driver as d
+orig, calls = d._report, [0]
+pause = int(os.environ.get('NFM_TEST_PAUSE_AT_REPORT', '-1'))
+def report(progress, est, units):
+    if os.environ.get('RANK', '0') == '0':
+        calls[0] += 1
+        print(f'REPORT {calls[0]} {units}', flush=True)
+        if calls[0] == pause:
+            sys.stdin.readline()
+    orig(progress, est, units)
+d._report = report
+from nfm_cli.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_to_a_sharded_run_saves_the_round_and_resumes(ckpt, single_and_dist, tmp_path):
+    """SIGTERM to both workers (as SLURM sends it to every task) while rank 0 waits after round 1
+    (units 0-1): the ranks agree at the end of round 2, save 4 of 8 units, exit 143; a torchrun
+    rerun starts at unit 4 and ends equal to the uninterrupted sharded run."""
+    _, sharded, _ = single_and_dist
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCH_SCRIPT)
+    out = tmp_path / "signalled.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(launcher), "hessian-diag", str(ckpt), "--out", str(out),
+           "--batch-size", "16", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(NFM_TEST_PAUSE_AT_REPORT="2"))
+    pids, seen = {}, []
+    try:
+        for line in proc.stdout:
+            if line.startswith("PID "):
+                rank, pid = line.split()[1:3]
+                pids[rank] = int(pid)
+            elif line.startswith("REPORT "):
+                seen.append(tuple(int(v) for v in line.split()[1:3]))
+                if seen[-1][0] == 2:
+                    break
+        assert seen[-1] == (2, 2) and sorted(pids) == ["0", "1"], (seen, pids)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGTERM)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert f"interrupted by SIGTERM; 4 of 8 units of {out} are saved" in err, err
+    assert err.count(" are saved") == 1                   # rank 0 alone saved (and says so)
+    assert read_artifact(out).meta["progress"]["units_done"] == 4
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    reports = [int(line.split()[2]) for line in resumed.stdout.splitlines() if line.startswith("REPORT ")]
+    assert reports == [4, 6, 8]                           # the first 4 units were not redone
+    _assert_close(read_hessian_diagonal(sharded).diagonal, read_hessian_diagonal(out).diagonal, 1e-12)
     assert not _marked_processes()

@@ -44,7 +44,8 @@ def hessian_diag_command(
 
     Uses the checkpoint's training set exactly as trained (random labels included), model in eval mode.
 
-    Saves its progress every minute; rerun the same command to continue. Prints the output path on stdout.
+    Saves its progress every minute, and on Ctrl-C or SIGTERM (after the batch in progress; exit 130 /
+    143, also under torchrun); rerun the same command to continue. Prints the output path on stdout.
     """
     with locked(out, wait, "nfm hessian-diag"), progress_bar(quiet) as progress:
         result = compute_hessian_diagonal(checkpoint, out, loss=loss, estimator=estimator, probes=probes,

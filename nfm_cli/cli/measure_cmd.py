@@ -87,7 +87,10 @@ def measure_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     wait: bool = wait_option(),
 ) -> None:
-    """Normalized sharpness and its rivals of one checkpoint: Hessian diagonals, Fisher-Rao norm, solve."""
+    """Normalized sharpness and its rivals of one checkpoint: Hessian diagonals, Fisher-Rao norm, solve.
+
+    Ctrl-C or SIGTERM saves the Hessian in progress and exits (130 / 143); rerun the same command to resume.
+    """
     # one lock for the measures file and its kept Hessian files (named after it)
     lock = locked(out or default_measures_path(checkpoint), wait, "nfm measure")
     with lock, progress_bar(as_json) as progress:

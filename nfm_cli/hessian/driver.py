@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from nfm_cli import distributed
+from nfm_cli import distributed, interrupt
 from nfm_cli.artifacts import Artifact, read_artifact, write_artifact
 from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
@@ -191,10 +191,11 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
 
     t0 = time.perf_counter()
 
-    def save_partial(units: int, values: dict[str, torch.Tensor]) -> None:
+    def save_partial(units: int, values: dict[str, torch.Tensor]) -> str:
         write_artifact(out, {f"state.{k}": v for k, v in values.items()}, KIND,
                        dict(meta_base, progress=_progress(est, units, False),
                             wall_time=wall_before + time.perf_counter() - t0))
+        return f"{units} of {est.units_total} units of {out} are saved"
 
     if ctx.active:
         unit = _run_sharded(ctx, est, state, start, save_partial, save_every_seconds, progress)
@@ -298,26 +299,35 @@ def load_hessian_diagonal(path: str | os.PathLike, checkpoint: Any) -> tuple[dic
 
 def _run_serial(est: Estimator, state: dict[str, torch.Tensor], start: int, save_partial,
                 save_every_seconds: float, progress: ProgressFn) -> int:
-    """Units start.. in order on this process; saves every ``save_every_seconds`` and on interrupt."""
+    """Units start.. in order on this process; saves every ``save_every_seconds`` and on interrupt.
+
+    SIGTERM / SIGINT (``nfm_cli.interrupt``) are deferred while a unit runs: the loop stops after
+    the unit, saves, and raises ``Interrupted`` saying what was saved (all units done included: the
+    rerun then only finishes)."""
     saved_units = start
     last_save = time.monotonic()
     consistent = True
     unit = start
     _report(progress, est, start)
     try:
-        while unit < est.units_total:
-            consistent = False          # the state is being updated: do not save it if interrupted now
-            est.run_unit(unit, state)
-            unit += 1
-            consistent = True
-            if unit < est.units_total and time.monotonic() - last_save >= save_every_seconds:
-                save_partial(unit, state)
-                saved_units, last_save = unit, time.monotonic()
-            _report(progress, est, unit)
-    except BaseException:
-        if consistent and unit > saved_units and unit < est.units_total:
+        with interrupt.deferred():
+            while unit < est.units_total:
+                consistent = False      # the state is being updated: do not save it if interrupted now
+                est.run_unit(unit, state)
+                unit += 1
+                consistent = True
+                if interrupt.pending() is not None:
+                    raise interrupt.Interrupted(interrupt.take())      # saved below
+                if unit < est.units_total and time.monotonic() - last_save >= save_every_seconds:
+                    save_partial(unit, state)
+                    saved_units, last_save = unit, time.monotonic()
+                _report(progress, est, unit)
+    except BaseException as exc:
+        if consistent and unit > saved_units:
             try:
-                save_partial(unit, state)
+                saved = save_partial(unit, state)
+                if isinstance(exc, interrupt.Interrupted) and exc.saved is None:
+                    exc.saved = saved
             except NfmError:
                 pass
         raise
@@ -332,8 +342,10 @@ def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.T
     consecutive units; chunks are independent). After each round all ranks have finished the same
     prefix of chunks, so that is where rank 0 (which alone decides, by time) has everybody save: the
     saved state is the all-reduced sum over that prefix, which any number of processes, one
-    included, can continue. Rank 0 holds the restored state; the other ranks start from zero. An
-    interrupted sharded run loses the work since the last save (peers may be gone: no collective).
+    included, can continue. Rank 0 holds the restored state; the other ranks start from zero.
+    SIGTERM / SIGINT on any rank (torchrun forwards them to every worker) is deferred to the end of
+    the round, where the ranks agree to save and stop with ``Interrupted``. Killed harder (SIGKILL,
+    a lost node), a sharded run loses the work since the last save (peers may be gone: no collective).
     """
     if not ctx.is_main:
         for value in state.values():
@@ -355,31 +367,42 @@ def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.T
     c = lead_end // chunk
     units_done = lead_end
     _report(progress, est, units_done)
-    while c < n_chunks:
-        mine = c + ctx.rank
-        if mine < n_chunks:
-            for unit in range(mine * chunk, min(est.units_total, (mine + 1) * chunk)):
-                est.run_unit(unit, state)
-        c = min(n_chunks, c + ctx.world)
-        units_done = min(est.units_total, c * chunk)
-        hook = stop_after is not None and units_done >= stop_after
-        due = ctx.is_main and time.monotonic() - last_save >= save_every_seconds
-        save = distributed.broadcast_ints(ctx, [int(due or hook)])[0] and units_done < est.units_total
-        if save:
-            total = {k: v.clone() for k, v in state.items()}
-            distributed.all_reduce_sum(ctx, list(total.values()))
-            for key, value in total.items():
-                if key.startswith(scratch):
-                    value.zero_()
-            if ctx.is_main:
-                save_partial(units_done, total)
-            distributed.barrier(ctx)
-            last_save = time.monotonic()
-            if hook:
-                raise KeyboardInterrupt(f"{distributed.TEST_STOP_ENV} reached")
-        _report(progress, est, units_done)
+    with interrupt.deferred():
+        while c < n_chunks:
+            mine = c + ctx.rank
+            if mine < n_chunks:
+                for unit in range(mine * chunk, min(est.units_total, (mine + 1) * chunk)):
+                    est.run_unit(unit, state)
+            c = min(n_chunks, c + ctx.world)
+            units_done = min(est.units_total, c * chunk)
+            hook = stop_after is not None and units_done >= stop_after
+            due = ctx.is_main and time.monotonic() - last_save >= save_every_seconds
+            # one collective per round: save now? (rank 0's clock, the test hook) and the largest signal seen
+            save, signum = distributed.max_ints(ctx, [int(due or hook), interrupt.pending() or 0])
+            if (save and units_done < est.units_total) or signum:
+                saved = _save_round(ctx, state, scratch, units_done, save_partial)
+                last_save = time.monotonic()
+                if signum:
+                    interrupt.take()
+                    raise interrupt.Interrupted(signum, saved=saved)
+                if hook:
+                    raise KeyboardInterrupt(f"{distributed.TEST_STOP_ENV} reached")
+            _report(progress, est, units_done)
     distributed.all_reduce_sum(ctx, list(state.values()))
     return est.units_total
+
+
+def _save_round(ctx: distributed.Dist, state: dict[str, torch.Tensor], scratch: tuple[str, ...], units_done: int,
+                save_partial) -> str | None:
+    """All ranks: all-reduce a copy of the sums (scratch zeroed: chunks are complete), rank 0 writes."""
+    total = {k: v.clone() for k, v in state.items()}
+    distributed.all_reduce_sum(ctx, list(total.values()))
+    for key, value in total.items():
+        if key.startswith(scratch):
+            value.zero_()
+    saved = save_partial(units_done, total) if ctx.is_main else None
+    distributed.barrier(ctx)
+    return saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,7 +485,7 @@ def _restore(art: Artifact, est: Estimator, state: dict[str, torch.Tensor], out:
     progress = art.meta["progress"]
     units = progress.get("units_done")
     if (not isinstance(units, int) or progress.get("units_total") != est.units_total
-            or not 0 <= units < est.units_total):
+            or not 0 <= units <= est.units_total):
         raise NfmError("partial run's progress does not fit this config (different training set?); "
                        "use --force to start over", out)
     for key, value in state.items():
