@@ -33,7 +33,7 @@ from nfm_cli.measures import compute_measures
 from nfm_cli.progress import ProgressFn
 
 RESULT_METRICS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
-RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "epochs", "width", "depth", "lr", "batch_size",
+RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth", "lr", "batch_size",
                  "optimizer", "momentum", "weight_decay", "stop_at_loss")
 
 

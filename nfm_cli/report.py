@@ -27,6 +27,7 @@ from nfm_cli.artifacts import atomic_write, read_artifact
 from nfm_cli.errors import NfmError
 from nfm_cli.inflight import in_flight_reason
 from nfm_cli.progress import ProgressFn, report
+from nfm_cli.protocol import make_grid, protocol_scores, varying_axes
 
 # Flatness / norm measures, in the order tables and CSV columns show them.
 MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "hessian_trace_weights",
@@ -36,7 +37,7 @@ DEFAULT_MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hess
 # Other top-level numbers of a result (diagnostics, not flatness measures).
 DIAGNOSTICS = ("clipped_fraction", "weight_matrices", "params_in_matrices", "params_left_out", "converged")
 METRIC_NUMBERS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
-METRIC_LABELS = ("model", "dataset", "seed", "train_size", "epochs")
+METRIC_LABELS = ("model", "dataset", "seed", "train_size", "epochs", "optimizer")
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
 DEFAULT_GROUP_BY = ("model", "dataset")
 
@@ -258,3 +259,31 @@ def write_csv(runs: Sequence[dict], path: str | os.PathLike) -> Path:
         writer.writerow([_csv_cell(run.get(c)) for c in columns])
     data = text.getvalue().encode("utf-8")
     return atomic_write(path, lambda handle: handle.write(data))
+
+
+# ``--protocol``: the training-config fields that can be hyperparameter axes (those that vary within a
+# group are), and the test split sizes that the Hoeffding weights need when --test-size was not given.
+PROTOCOL_AXES = ("model", "dataset", "width", "depth", "random_ratio", "train_size", "epochs", "batch_size", "lr",
+                 "optimizer", "momentum", "weight_decay", "stop_at_loss")
+TEST_SPLIT_SIZES = {"mnist": 10_000, "fashion-mnist": 10_000, "cifar10": 10_000, "synthetic": 512}
+
+
+def _test_samples(run: dict) -> float:
+    size = _number(run.get("test_size"))
+    return size if math.isfinite(size) and size > 0 else float(TEST_SPLIT_SIZES.get(run.get("dataset"), math.nan))
+
+
+def add_protocol(table: list[dict[str, Any]], runs: Sequence[dict], measures: Sequence[str], y: str = "gap",
+                 group_by: Sequence[str] = DEFAULT_GROUP_BY, bootstrap: int = 200, seed: int = 0,
+                 progress: ProgressFn = None) -> list[dict[str, Any]]:
+    """Adds ``axes`` and ``protocol: {measure: protocol.protocol_scores(...)}`` to every group of
+    ``correlation_table``'s result (same grouping, same order)."""
+    groups = group_runs(runs, group_by)
+    for index, (entry, (_, members)) in enumerate(zip(table, groups)):
+        axes = varying_axes(members, PROTOCOL_AXES)
+        rows = [dict(run, test_samples=_test_samples(run)) for run in members]
+        entry["axes"] = axes
+        entry["protocol"] = {m: protocol_scores(make_grid(rows, m, y, axes), bootstrap=bootstrap, seed=seed)
+                             for m in measures}
+        report(progress, "protocol", index + 1, len(table))
+    return table

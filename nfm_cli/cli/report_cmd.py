@@ -12,7 +12,8 @@ from rich.table import Table
 
 from nfm_cli.cli import app
 from nfm_cli.cli.render import console, print_json, progress_bar
-from nfm_cli.report import DEFAULT_GROUP_BY, DEFAULT_MEASURES, check_names, correlation_table, load_runs, write_csv
+from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, add_protocol, check_names, correlation_table, load_runs,
+                            write_csv)
 
 
 def _cell(value: float) -> str:
@@ -42,10 +43,17 @@ def report_command(
     group_by: str = typer.Option(",".join(DEFAULT_GROUP_BY), "--group-by",
                                  help="Comma-separated run fields to split groups by (model, dataset, seed, "
                                  "train_size, epochs), or 'none' for one group."),
+    protocol: bool = typer.Option(False, "--protocol", help="Also score each measure the way Jiang et al. 2020 "
+                                  "and Dziugaite et al. 2020 do over a hyperparameter grid: Kendall tau, granulated "
+                                  "Kendall per axis (the config fields that vary, seed excluded), CMI score, robust "
+                                  "sign error (max, 90th percentile); see README."),
+    bootstrap: int = typer.Option(200, "--bootstrap", help="With --protocol: bootstrap replicates over seeds for "
+                                  "the 95% intervals (when the runs have several seeds; 0: none)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Correlate each flatness measure with the generalization gap over many runs (Pearson r,
-    Spearman rho, Kendall tau per group), optionally with scatter plots like the paper's Figures 1, 3, 4."""
+    Spearman rho, Kendall tau per group), optionally with scatter plots like the paper's Figures 1, 3, 4
+    and the hyperparameter-grid scores of the generalization-measure literature (--protocol)."""
     y = y.strip().replace("-", "_")
     measures = check_names(_split(x) or list(DEFAULT_MEASURES), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
@@ -53,6 +61,8 @@ def report_command(
     with progress_bar(quiet or not console.is_terminal) as on_event:
         runs, skipped = load_runs(files, y=y, progress=on_event)
         table = correlation_table(runs, measures, y=y, group_by=groups)
+        if protocol:
+            add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
         plots: list[Path] = []
         if plot is not None:
             from nfm_cli.plots import scatter_plots  # matplotlib only when plotting
@@ -80,6 +90,8 @@ def report_command(
             t.add_row(measure, str(c["n"]), _cell(c["pearson_r"]), _cell(c["spearman_rho"]),
                       _cell(c["kendall_tau"]), _num(c["min"]), _num(c["max"]))
         out.print(t)
+        if protocol:
+            out.print(_protocol_table(group, name))
     if skipped:
         console.print(f"{len(runs)} of {len(files)} files reported, {len(skipped)} skipped", style="yellow",
                       highlight=False)
@@ -87,3 +99,26 @@ def report_command(
         console.print(f"wrote {len(plots)} plots to {plot}", markup=False, highlight=False, soft_wrap=True)
     if written_csv is not None:
         console.print(f"wrote {written_csv}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _with_interval(value: float, interval) -> str:
+    return _cell(value) if not interval else f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+
+
+def _protocol_table(group: dict, name: str) -> Table:
+    axes = group["axes"]
+    t = Table(title=escape(f"{name}: protocol scores over axes {', '.join(axes) or '(none vary)'}"
+                           + (" (95% bootstrap intervals over seeds)" if any(
+                               p["ci95"] for p in group["protocol"].values()) else "")), title_justify="left")
+    t.add_column("measure", no_wrap=True)
+    headers = ["kendall \u03c4"] + [f"\u03c8 {a}" for a in axes] + ["\u03a8", "CMI", "RSE max", "RSE p90"]
+    for header in headers:
+        t.add_column(header, justify="right")
+    for measure, p in group["protocol"].items():
+        ci = p["ci95"] or {}
+        cells = [_with_interval(p["kendall_tau"], ci.get("kendall_tau"))]
+        cells += [_with_interval(p["granulated_kendall"][a], (ci.get("granulated_kendall") or {}).get(a)) for a in axes]
+        cells += [_with_interval(p[k], ci.get(k)) for k in ("granulated_kendall_mean", "cmi_score",
+                                                             "robust_sign_error_max", "robust_sign_error_p90")]
+        t.add_row(measure, *cells)
+    return t
