@@ -25,12 +25,14 @@ from typing import Any
 from nfm_cli import distributed
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
 from nfm_cli.hessian import compute_hessian_diagonal, load_hessian_diagonal
 from nfm_cli.measures import compute_measures
 from nfm_cli.progress import ProgressFn
+from nfm_cli.rivals import RivalOptions, rival_measures
 
 RESULT_METRICS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
 RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth", "lr", "batch_size",
@@ -56,7 +58,8 @@ def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
 def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out: str | os.PathLike, *,
                    trace_hdiag: str | os.PathLike | None = None, fisher_rao: float | None = None,
                    tol: float = 1e-10, max_iter: int = 10_000, progress: ProgressFn = None,
-                   extra_config: dict[str, Any] | None = None) -> MeasureResult:
+                   extra_config: dict[str, Any] | None = None,
+                   extra_result: dict[str, Any] | None = None) -> MeasureResult:
     """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``."""
     start = time.perf_counter()
     ck = load_checkpoint(checkpoint)
@@ -68,6 +71,7 @@ def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out:
     result["hessian_loss"] = h_art.meta["config"]["loss"]
     result["trace_loss"] = trace_art.meta["config"]["loss"]
     result["metrics"] = checkpoint_metrics(ck)
+    result.update(extra_result or {})
     for key, value in result.items():
         if isinstance(value, float) and not math.isfinite(value) and key != "spectral_norm_product":
             raise NfmError(f"measure {key} came out {value}; the Hessian file or checkpoint is broken", hdiag)
@@ -102,10 +106,12 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                        estimator: str = "exact", samples: int | None = None, probes: int = 100,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
                        precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
-                       force: bool = False, progress: ProgressFn = None) -> MeasureResult:
+                       force: bool = False, rivals: bool = False, progress: ProgressFn = None) -> MeasureResult:
     """Hessian diagonals (normalized-ce and ce), Fisher-Rao norm and the solve, resumably.
 
-    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons)."""
+    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons).
+    ``rivals``: also the rival measures of ``nfm_cli.rivals`` (seeded by ``seed``, on the same
+    samples); asked of a finished measures file without them, they are added to it."""
     if precision not in PRECISIONS:
         raise NfmError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     out = Path(out) if out is not None else default_measures_path(checkpoint)
@@ -121,6 +127,8 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
         if not same:
             raise NfmError("exists and was computed from another checkpoint or with other options; "
                            "use --force to recompute it or choose another --out", out)
+        if rivals and "rivals" not in art.meta["result"]:
+            return _add_rivals(art, ck, samples, seed, resolve_device(device), progress)
         return MeasureResult(out, "already complete", art.meta["result"], [])
     dev = resolve_device(device)
     paths = intermediate_paths(out, precision)
@@ -136,9 +144,11 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
         if ctx.is_main:
             fisher = fisher_rao_norm_of_checkpoint(ck, device=rank_dev, samples=samples, seed=seed,
                                                    progress=progress)
+            extra = _rival_result(ck, samples, seed, rank_dev, progress) if rivals else None
             result = solve_variance(checkpoint, paths["normalized-ce"], out, trace_hdiag=paths["ce"],
                                     fisher_rao=fisher, tol=tol, max_iter=max_iter, progress=progress,
-                                    extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS})
+                                    extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS},
+                                    extra_result=extra)
     except BaseException:
         failed = 1
         raise
@@ -154,3 +164,19 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
             path.unlink(missing_ok=True)
     result.intermediates = list(paths.values()) if keep_intermediate else []
     return result
+
+
+def _rival_result(ck: Checkpoint, samples: int | None, seed: int, device, progress: ProgressFn) -> dict[str, Any]:
+    """The five rival measures (top level, as report reads them) and their radii/options under ``rivals``."""
+    x, y = ck.training_tensors(device)
+    idx = subset_indices(len(y), samples, seed, "hessian-samples").to(y.device)  # the Hessian's samples
+    values = rival_measures(ck.model.to(device), x[idx], y[idx], RivalOptions(seed=seed), progress)
+    details = {"radii": values.pop("radii"), "options": values.pop("options")}
+    return {**values, "rivals": details}
+
+
+def _add_rivals(art, ck: Checkpoint, samples, seed, device, progress) -> MeasureResult:
+    """Add the rivals to a finished measures file (same checkpoint and options), rewritten atomically."""
+    result = dict(art.meta["result"], **_rival_result(ck, samples, seed, device, progress))
+    write_artifact(art.path, dict(art.tensors), "measures", dict(art.meta, result=result))
+    return MeasureResult(Path(art.path), "rivals added", result, [])

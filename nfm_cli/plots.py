@@ -44,6 +44,11 @@ TITLES = {
     "frobenius_norm_sq": "squared Frobenius norm",
     "spectral_norm_product": "product of spectral norms",
     "log_spectral_norm_product": "log product of spectral norms",
+    "pacbayes_flatness": "PAC-Bayes flatness 1/sigma^2",
+    "pacbayes_mag_flatness": "magnitude-aware PAC-Bayes flatness 1/sigma'^2",
+    "sharpness_worst": "worst-case sharpness 1/alpha^2",
+    "sharpness_mag_worst": "magnitude-aware worst-case sharpness 1/alpha'^2",
+    "adaptive_sharpness": "adaptive sharpness (rho = 0.5)",
 }
 Y_LABELS = {"gap": "generalization gap (train acc - test acc)"}
 

@@ -31,7 +31,9 @@ from nfm_cli.protocol import make_grid, protocol_scores, varying_axes
 
 # Flatness / norm measures, in the order tables and CSV columns show them.
 MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "hessian_trace_weights",
-            "fisher_rao_norm", "frobenius_norm_sq", "spectral_norm_product", "log_spectral_norm_product")
+            "fisher_rao_norm", "frobenius_norm_sq", "spectral_norm_product", "log_spectral_norm_product",
+            "pacbayes_flatness", "pacbayes_mag_flatness", "sharpness_worst", "sharpness_mag_worst",
+            "adaptive_sharpness")
 DEFAULT_MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm",
                     "frobenius_norm_sq", "spectral_norm_product")
 # Other top-level numbers of a result (diagnostics, not flatness measures).

@@ -13,7 +13,8 @@ from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.pipeline import default_measures_path, measure_checkpoint, solve_variance
 
 TOTALS = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm",
-          "frobenius_norm_sq", "spectral_norm_product", "clipped_fraction")
+          "frobenius_norm_sq", "spectral_norm_product", "clipped_fraction", "pacbayes_flatness",
+          "pacbayes_mag_flatness", "sharpness_worst", "sharpness_mag_worst", "adaptive_sharpness")
 
 
 def _number(value: Any) -> str:
@@ -84,6 +85,10 @@ def measure_command(
     tol: float = typer.Option(1e-10, help="Solver tolerance."),
     max_iter: int = typer.Option(10_000, "--max-iter", help="Solver iteration cap per layer."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the outputs exist."),
+    rivals: bool = typer.Option(False, "--rivals", help="Also the rival sharpness measures of the literature "
+                                "(PAC-Bayes flatness and its magnitude-aware form, worst-case and magnitude-aware "
+                                "worst-case sharpness, adaptive sharpness; seeded by --seed, on the same samples; "
+                                "see README). Added to an existing measures file without recomputing the rest."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     wait: bool = wait_option(),
 ) -> None:
@@ -97,9 +102,11 @@ def measure_command(
         result = measure_checkpoint(checkpoint, out, estimator=estimator, samples=samples, probes=probes,
                                     batch_size=batch_size, seed=seed, device=device,
                                     precision=precision, keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter,
-                                    force=force, progress=progress)
+                                    force=force, rivals=rivals, progress=progress)
     if result.status == "already complete" and not as_json:
         console.print(f"{result.path}: already complete; use --force to recompute")
+    elif result.status == "rivals added" and not as_json:
+        console.print(f"{result.path}: rival measures added")
     _finish(result, as_json)
 
 
