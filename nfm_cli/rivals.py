@@ -47,7 +47,8 @@ Params = dict[str, torch.Tensor]
 @dataclass
 class RivalOptions:
     """Defaults: Jiang et al.'s (deviation 0.1, 10 Monte-Carlo samples, depth 15, tolerance 1e-2,
-    eps 1e-3); rho 0.5 and 20 steps as in Andriushchenko et al.'s adaptive L2 runs on CNNs."""
+    eps 1e-3); bisection down to a 1% bracket; 10 box-ascent steps; rho 0.5 and 20 steps as in
+    Andriushchenko et al.'s adaptive L2 runs on CNNs."""
 
     seed: int = 0
     target_deviation: float = 0.1
@@ -55,16 +56,18 @@ class RivalOptions:
     search_depth: int = 15
     tolerance: float = 1e-2
     magnitude_eps: float = 1e-3
+    resolution: float = 1e-2
+    box_steps: int = 10
     ascent_steps: int = 20
     rho: float = 0.5
 
     def validate(self) -> None:
         if not 0 < self.target_deviation < 1:
             raise NfmError(f"the target accuracy deviation must be in (0, 1), not {self.target_deviation}")
-        for name in ("mc_samples", "search_depth", "ascent_steps"):
+        for name in ("mc_samples", "search_depth", "box_steps", "ascent_steps"):
             if getattr(self, name) < 1:
                 raise NfmError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("tolerance", "magnitude_eps"):
+        for name in ("tolerance", "magnitude_eps", "resolution"):
             if not getattr(self, name) >= 0:
                 raise NfmError(f"{name} must be non-negative, not {getattr(self, name)}")
         if not (self.rho > 0 and math.isfinite(self.rho)):
@@ -95,9 +98,16 @@ class Evaluator:
 
     def loss(self, delta: Params | None = None) -> torch.Tensor:
         """Mean cross-entropy, differentiable in ``delta``."""
-        total = sum(F.cross_entropy(self._logits(delta, s), self.y[s:s + EVAL_BATCH], reduction="sum")
-                    for s in range(0, len(self.y), EVAL_BATCH))
-        return total / len(self.y)
+        return self.loss_and_accuracy(delta)[0]
+
+    def loss_and_accuracy(self, delta: Params | None = None) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy (differentiable in ``delta``) and accuracy, from one forward pass."""
+        total, correct = 0.0, 0
+        for s in range(0, len(self.y), EVAL_BATCH):
+            logits, target = self._logits(delta, s), self.y[s:s + EVAL_BATCH]
+            total = total + F.cross_entropy(logits, target, reduction="sum")
+            correct += int((logits.detach().argmax(1) == target).sum())
+        return total / len(self.y), correct / len(self.y)
 
 
 def normal_directions(params: Params, samples: int, seed: int, key: str) -> list[Params]:
@@ -117,9 +127,12 @@ def noise_std(params: Params, sigma: float, magnitude_eps: float | None) -> Para
 
 
 def largest_radius(deviation: Callable[[float], float], target: float, *, depth: int = 15, tolerance: float = 1e-2,
-                   hi: float = 2.0, span: float = 2.0 ** 20, max_doublings: int = 30) -> float:
+                   resolution: float = 1e-2, hi: float = 2.0, span: float = 2.0 ** 20,
+                   max_doublings: int = 30) -> float:
     """The largest r with deviation(r) <= target, for a deviation that grows with r: geometric
-    bisection on [hi / span, hi] after doubling hi until deviation(hi) > target."""
+    bisection on [hi / span, hi] after doubling hi until deviation(hi) > target. Stops after ``depth``
+    steps, once a midpoint's deviation is within ``tolerance`` of the target, or once hi / lo <= 1 +
+    ``resolution``. Returns 0.0 when even r = hi / span deviates by more than the target."""
     for _ in range(max_doublings):
         if deviation(hi) > target:
             break
@@ -127,7 +140,11 @@ def largest_radius(deviation: Callable[[float], float], target: float, *, depth:
     else:
         return hi  # never exceeded: as flat as we can tell
     lo = hi / span
+    if deviation(lo) > target:
+        return 0.0
     for _ in range(depth):
+        if hi / lo <= 1.0 + resolution:
+            break
         mid = math.sqrt(lo * hi)
         d = deviation(mid)
         if abs(d - target) < tolerance:
@@ -153,27 +170,32 @@ def pacbayes_sigma(ev: Evaluator, opts: RivalOptions, magnitude: bool, progress:
         report(progress, "pacbayes-mag" if magnitude else "pacbayes", calls[0], opts.search_depth + 1, sigma=sigma)
         return abs(sum(accs) / len(accs) - base)
 
-    return largest_radius(deviation, opts.target_deviation, depth=opts.search_depth, tolerance=opts.tolerance)
+    return largest_radius(deviation, opts.target_deviation, depth=opts.search_depth, tolerance=opts.tolerance,
+                          resolution=opts.resolution)
 
 
-def box_ascent(loss: Callable[[Params], torch.Tensor], radius: Params, steps: int, generator: torch.Generator,
-               score: Callable[[Params], float] | None = None) -> tuple[Params, float]:
-    """Projected sign-gradient ascent of ``loss`` over the box |u| <= radius from a random point of it.
-    Returns the iterate with the largest ``score`` (default: the loss) and that score."""
-    score = score or (lambda d: float(loss(d).detach()))
+def box_ascent(objective: Callable[[Params], tuple[torch.Tensor, float]], radius: Params, steps: int,
+               generator: torch.Generator) -> tuple[Params, float]:
+    """Projected sign-gradient ascent over the box |u| <= radius from a random point of it.
+
+    ``objective(delta)`` gives the differentiable loss to ascend and a score of ``delta`` (e.g. the
+    accuracy change, from the same forward pass). Step 2.5 x radius / steps. Returns the iterate with
+    the largest score, and that score."""
     delta = {n: ((torch.rand(r.shape, generator=generator, dtype=torch.float64).to(r) * 2 - 1) * r)
              for n, r in radius.items()}
-    best, best_score = delta, score(delta)
+    best, best_score = delta, -math.inf
     step = 2.5 / steps
-    for _ in range(steps):
-        d = {n: t.clone().requires_grad_(True) for n, t in delta.items()}
-        grads = torch.autograd.grad(loss(d), list(d.values()))
+    for it in range(steps + 1):
+        d = {n: t.clone().requires_grad_(it < steps) for n, t in delta.items()}
+        value, score = objective(d)
+        if score > best_score:
+            best, best_score = delta, score
+        if it == steps:
+            break
+        grads = torch.autograd.grad(value, list(d.values()))
         with torch.no_grad():
             delta = {n: torch.maximum(torch.minimum(d[n] + step * radius[n] * g.sign(), radius[n]), -radius[n])
                      for n, g in zip(d, grads)}
-        s = score(delta)
-        if s > best_score:
-            best, best_score = delta, s
     return best, best_score
 
 
@@ -191,11 +213,17 @@ def sharpness_alpha(ev: Evaluator, opts: RivalOptions, magnitude: bool, progress
             radius = {n: torch.full_like(p, alpha) for n, p in ev.params.items()}
         calls[0] += 1
         gen = keyed_generator(opts.seed, "rivals", name, calls[0])
-        _, dev = box_ascent(ev.loss, radius, opts.ascent_steps, gen, lambda d: abs(ev.accuracy(d) - base))
+
+        def objective(delta):
+            loss, acc = ev.loss_and_accuracy(delta)
+            return loss, abs(acc - base)
+
+        _, dev = box_ascent(objective, radius, opts.box_steps, gen)
         report(progress, name, calls[0], opts.search_depth + 1, alpha=alpha)
         return dev
 
-    return largest_radius(deviation, opts.target_deviation, depth=opts.search_depth, tolerance=opts.tolerance)
+    return largest_radius(deviation, opts.target_deviation, depth=opts.search_depth, tolerance=opts.tolerance,
+                          resolution=opts.resolution)
 
 
 def adaptive_sharpness(loss: Callable[[Params], torch.Tensor], params: Params, rho: float, steps: int,
@@ -243,9 +271,15 @@ def rival_measures(model: nn.Module, x: torch.Tensor, y: torch.Tensor, options: 
     adaptive = adaptive_sharpness(ev.loss, ev.params, opts.rho, opts.ascent_steps,
                                   keyed_generator(opts.seed, "rivals", "adaptive"))
     report(progress, "rivals", 1, 1)
-    return {"pacbayes_flatness": 1.0 / sigma ** 2, "pacbayes_mag_flatness": 1.0 / mag_sigma ** 2,
-            "sharpness_worst": 1.0 / alpha ** 2, "sharpness_mag_worst": 1.0 / mag_alpha ** 2,
+    return {"pacbayes_flatness": _inverse_square(sigma), "pacbayes_mag_flatness": _inverse_square(mag_sigma),
+            "sharpness_worst": _inverse_square(alpha), "sharpness_mag_worst": _inverse_square(mag_alpha),
             "adaptive_sharpness": adaptive,
             "radii": {"pacbayes_sigma": sigma, "pacbayes_mag_sigma": mag_sigma, "sharpness_alpha": alpha,
                       "sharpness_mag_alpha": mag_alpha, "train_acc": ev.accuracy(), "samples": len(y)},
             "options": opts.to_json()}
+
+
+def _inverse_square(radius: float) -> float | None:
+    """1 / r^2; None when r = 0 (even the smallest perturbation searched, or eps alone, moves the
+    accuracy by more than the target: the measure is off the scale)."""
+    return 1.0 / radius ** 2 if radius > 0 else None

@@ -37,10 +37,15 @@ def test_largest_radius_finds_the_crossing_of_a_smooth_curve():
     target = 0.1
     curve = lambda r: 1 - math.exp(-r * r / 0.3)  # noqa: E731
     expected = math.sqrt(-0.3 * math.log(1 - target))
-    assert largest_radius(curve, target, depth=60, tolerance=0) == pytest.approx(expected, rel=1e-9)
+    assert largest_radius(curve, target, depth=60, tolerance=0, resolution=0) == pytest.approx(expected, rel=1e-9)
+    # by default the bracket stops at 1%; the deviation tolerance (0.01) stops earlier still
+    assert largest_radius(curve, target, tolerance=0) == pytest.approx(expected, rel=1e-2)
+    assert abs(curve(largest_radius(curve, target)) - target) < 1e-2
     # a flat start (deviation 0 up to 5) makes hi double past 2 first
     shifted = lambda r: 0.0 if r < 5 else min(1.0, (r - 5) / 10)  # noqa: E731
-    assert largest_radius(shifted, target, depth=60, tolerance=0) == pytest.approx(6.0, rel=1e-9)
+    assert largest_radius(shifted, target, depth=60, tolerance=0, resolution=0) == pytest.approx(6.0, rel=1e-9)
+    # off the scale: even the smallest radius searched deviates too much
+    assert largest_radius(lambda r: 0.5, target) == 0.0
 
 
 # ---- PAC-Bayes sigma: closed-form expectation for a linear model -----------------------------------
@@ -72,7 +77,7 @@ def test_pacbayes_sigma_matches_the_closed_form_expectation(magnitude):
     base = ev.accuracy()
     eps = 0.2 if magnitude else None  # a large eps tells the variance form from sigma |w| + eps
     exact = optimize.brentq(lambda s: base - expected_accuracy(model, x, y, s, eps) - 0.1, 1e-3, 5.0, xtol=1e-6)
-    opts = RivalOptions(mc_samples=400, search_depth=40, tolerance=0.0, magnitude_eps=eps or 1e-3)
+    opts = RivalOptions(mc_samples=400, search_depth=40, tolerance=0.0, resolution=1e-9, magnitude_eps=eps or 1e-3)
     got = pacbayes_sigma(ev, opts, magnitude)
     assert got == pytest.approx(exact, rel=0.05)
     # the std/variance mix-up of the published reimplementations would land far away
@@ -84,7 +89,7 @@ def test_pacbayes_sigma_is_a_crossing_of_the_monte_carlo_curve():
     """The same Monte-Carlo directions, the weights perturbed by hand: the result sits on a crossing."""
     model, x, y = linear_problem(seed=1)
     ev = Evaluator(model, x, y)
-    opts = RivalOptions(mc_samples=16, search_depth=50, tolerance=0.0, seed=3)
+    opts = RivalOptions(mc_samples=16, search_depth=50, tolerance=0.0, resolution=1e-12, seed=3)
     sigma = pacbayes_sigma(ev, opts, False)
     zs = normal_directions(ev.params, opts.mc_samples, opts.seed, "pacbayes")
     W, b = model.weight.detach(), model.bias.detach()
@@ -132,9 +137,17 @@ def test_sharpness_alpha_matches_the_exact_worst_case(magnitude):
         thresholds = margin / (2 * x.sum(1).numpy())
     k = math.floor(0.1 * len(y))  # at most k flips allowed: alpha* is the (k+1)-th smallest threshold
     exact = np.sort(thresholds)[k]
-    opts = RivalOptions(search_depth=60, tolerance=0.0, ascent_steps=20, magnitude_eps=eps)
+    opts = RivalOptions(search_depth=60, tolerance=0.0, resolution=1e-12, magnitude_eps=eps)
     got = sharpness_alpha(Evaluator(model, x, y), opts, magnitude)
     assert got == pytest.approx(exact, rel=1e-6)
+
+
+def test_an_eps_box_that_alone_flips_too_much_is_off_the_scale():
+    model, x, y = separated_problem()
+    ev = Evaluator(model, x, y)
+    assert sharpness_alpha(ev, RivalOptions(magnitude_eps=10.0), True) == 0.0
+    result = rival_measures(model, x, y, RivalOptions(magnitude_eps=10.0, search_depth=4, mc_samples=2))
+    assert result["sharpness_mag_worst"] is None and result["radii"]["sharpness_mag_alpha"] == 0.0
 
 
 def test_box_ascent_linear_loss_reaches_the_corner():
@@ -142,7 +155,7 @@ def test_box_ascent_linear_loss_reaches_the_corner():
     grad = {"a": torch.randn(5, generator=g, dtype=torch.float64), "b": torch.randn(2, 3, generator=g, dtype=torch.float64)}
     radius = {n: torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.1 for n, t in grad.items()}
     loss = lambda d: sum((grad[n] * d[n]).sum() for n in d)  # noqa: E731
-    _, best = box_ascent(loss, radius, 20, torch.Generator().manual_seed(1))
+    _, best = box_ascent(lambda d: (loss(d), float(loss(d).detach())), radius, 10, torch.Generator().manual_seed(1))
     assert best == pytest.approx(sum(float((radius[n] * grad[n].abs()).sum()) for n in grad))
 
 
@@ -157,7 +170,7 @@ def test_box_ascent_convex_quadratic_matches_vertex_enumeration():
     r = torch.tensor(rng.uniform(0.5, 1.5, size=d))
     assert bool((gvec.abs() > A.abs() @ r).all())
     loss = lambda dd: gvec @ dd["u"] + 0.5 * dd["u"] @ A @ dd["u"]  # noqa: E731
-    _, best = box_ascent(loss, {"u": r}, 30, torch.Generator().manual_seed(2))
+    _, best = box_ascent(lambda d: (loss(d), float(loss(d).detach())), {"u": r}, 30, torch.Generator().manual_seed(2))
     vertices = (np.array(v) * r.numpy() for v in itertools.product((-1.0, 1.0), repeat=d))
     brute = max(float(gvec.numpy() @ v + 0.5 * v @ A.numpy() @ v) for v in vertices)
     assert best == pytest.approx(brute, rel=1e-12)
@@ -194,7 +207,7 @@ def test_adaptive_sharpness_of_a_quadratic_minimum():
 
 def test_rival_measures_are_deterministic_and_positive():
     model, x, y = linear_problem(n=96)
-    opts = RivalOptions(search_depth=8, ascent_steps=5)
+    opts = RivalOptions(search_depth=8, box_steps=5, ascent_steps=5)
     a = rival_measures(model, x, y, opts)
     b = rival_measures(model, x, y, opts)
     assert a == b
@@ -203,8 +216,8 @@ def test_rival_measures_are_deterministic_and_positive():
     assert a["pacbayes_flatness"] == pytest.approx(1 / a["radii"]["pacbayes_sigma"] ** 2)
     assert a["adaptive_sharpness"] >= 0
     # the seed picks the Monte-Carlo directions (tolerance 0: no early stop on a shared midpoint)
-    c0 = rival_measures(model, x, y, RivalOptions(search_depth=20, tolerance=0.0, ascent_steps=5, seed=0))
-    c1 = rival_measures(model, x, y, RivalOptions(search_depth=20, tolerance=0.0, ascent_steps=5, seed=1))
+    c0 = rival_measures(model, x, y, RivalOptions(search_depth=20, tolerance=0.0, box_steps=5, ascent_steps=5, seed=0))
+    c1 = rival_measures(model, x, y, RivalOptions(search_depth=20, tolerance=0.0, box_steps=5, ascent_steps=5, seed=1))
     assert c0["radii"]["pacbayes_sigma"] != c1["radii"]["pacbayes_sigma"]
 
 
