@@ -177,6 +177,9 @@ def _rival_result(ck: Checkpoint, samples: int | None, seed: int, device, progre
 
 def _add_rivals(art, ck: Checkpoint, samples, seed, device, progress) -> MeasureResult:
     """Add the rivals to a finished measures file (same checkpoint and options), rewritten atomically."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NfmError("adding the rival measures to a finished measures file runs in one process; "
+                       "run it without torchrun", art.path)
     result = dict(art.meta["result"], **_rival_result(ck, samples, seed, device, progress))
     write_artifact(art.path, dict(art.tensors), "measures", dict(art.meta, result=result))
     return MeasureResult(Path(art.path), "rivals added", result, [])
