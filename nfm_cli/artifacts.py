@@ -95,6 +95,9 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
         raw_meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types; any failure means "not valid"
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save's zip container, or a bare pickle
+            raise NfmError(f"not a safetensors file (PyTorch pickle? nfm reads only its own safetensors "
+                           f"files); expected a {label} file", path) from None
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise NfmError(f"not a valid safetensors file (truncated or corrupt: {reason})", path) from None
     if not isinstance(raw_meta, dict) or _PREFIX + "kind" not in raw_meta:

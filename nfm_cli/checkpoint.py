@@ -20,7 +20,7 @@ from torch import nn
 
 import models
 from nfm_cli.artifacts import Artifact, read_artifact
-from nfm_cli.data import Split, load_split, subset_indices
+from nfm_cli.data import Split, check_data_dir, load_split, subset_indices
 from nfm_cli.errors import NfmError
 
 
@@ -39,6 +39,7 @@ class Checkpoint:
     labels: torch.Tensor
     data_dir: str | None = None
     dtype: torch.dtype = torch.float32
+    data_dir_given: bool = False  # data_dir came from the user (--data-dir): the data must be there
     _split_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -56,7 +57,8 @@ class Checkpoint:
     def _split(self, train: bool) -> Split:
         if train not in self._split_cache:
             try:
-                self._split_cache[train] = load_split(self.config["dataset"], train, self.data_dir)
+                self._split_cache[train] = load_split(self.config["dataset"], train, self.data_dir,
+                                                       strict=self.data_dir_given)
             except NfmError as err:
                 raise NfmError(f"{err} (needed by checkpoint {self.path})") from None
         return self._split_cache[train]
@@ -102,6 +104,7 @@ def load_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike | None 
     ``data_dir`` overrides the folder recorded at training time when the data is needed.
     ``dtype=torch.float64`` gives a float64 model and inputs (for measurements at full precision).
     """
+    check_data_dir(data_dir)
     art = read_artifact(path, "checkpoint")
     return checkpoint_from_artifact(art, data_dir, device, dtype)
 
@@ -152,4 +155,5 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=t
         if isinstance(value, float) and not math.isfinite(value):
             raise NfmError(f"metric {name} is {value} (training diverged?)", path)
     return Checkpoint(path, art, model, config, spec, metrics, progress, indices, labels,
-                      str(data_dir) if data_dir else config.get("data_dir"), dtype)
+                      str(data_dir) if data_dir else config.get("data_dir"), dtype,
+                      data_dir_given=data_dir is not None)

@@ -90,24 +90,41 @@ def search_roots(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
     return roots
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """An explicit ``--data-dir`` must be an existing folder (checked before any work)."""
+    if data_dir is None:
+        return
+    path = Path(data_dir)
+    if not path.exists():
+        raise NfmError("--data-dir does not exist", path)
+    if not path.is_dir():
+        raise NfmError("--data-dir is a file, not a folder with the dataset files", path)
+
+
 def load_split(name: str, train: bool, data_dir: str | os.PathLike | None = None,
-               download: bool = False) -> Split:
-    """One whole split of ``name`` as standardised float32 tensors on the CPU."""
+               download: bool = False, strict: bool = False) -> Split:
+    """One whole split of ``name`` as standardised float32 tensors on the CPU.
+
+    ``strict``: ``data_dir`` was given by the user, so the dataset must be there (or be downloaded
+    there); nothing else is searched. Otherwise ``data_dir`` is only the first folder searched."""
     check_dataset_name(name)
     if name == "synthetic":
         return synthetic_split(train)
-    raw_x, raw_y = _load_raw(name, train, data_dir, download)
+    if strict:
+        check_data_dir(data_dir)
+    raw_x, raw_y = _load_raw(name, train, data_dir, download, strict and data_dir is not None)
     x = raw_x.to(torch.float32).div_(255.0)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _NORMALIZATION[name])
     return Split((x - mean) / std, raw_y.to(torch.int64))
 
 
-def _load_raw(name: str, train: bool, data_dir, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_raw(name: str, train: bool, data_dir, download: bool,
+              only_data_dir: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd  # imported lazily: it is slow to import
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": _local_cifar10_class()}[name]
-    roots = search_roots(name, data_dir)
+    roots = search_roots(name, data_dir)[:2] if only_data_dir else search_roots(name, data_dir)
     for root in roots:
         tv_root = _torchvision_root(name, root)
         if tv_root is not None:
@@ -126,6 +143,10 @@ def _load_raw(name: str, train: bool, data_dir, download: bool) -> tuple[torch.T
             raise NfmError(f"could not download {name} into {target}: {str(exc).splitlines()[0][:120]}") from None
         return _as_tensors(ds)
     where = ", ".join(str(r) for r in roots)
+    if only_data_dir:
+        raise NfmError(f"--data-dir does not hold the {name} dataset (looked in {where}); point it at the "
+                       "folder with the files, leave it out to search the usual places, or add --download",
+                       data_dir)
     raise NfmError(f"dataset {name} not found (looked in {where}); put the files in one of these folders, "
                    f"point --data-dir or $NFM_DATA at them, or pass --download when online")
 

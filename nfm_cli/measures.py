@@ -55,13 +55,20 @@ class Measures:
     sigmas: dict[str, torch.Tensor]
 
 
+def check_solver_options(tol: float, max_iter: int) -> None:
+    """Refuse a solver setting before any work (``measure`` checks it before the Hessians)."""
+    if not (tol > 0 and math.isfinite(tol)):
+        raise NfmError(f"--tol must be a positive number, not {tol}")
+    if max_iter < 1:
+        raise NfmError(f"--max-iter must be at least 1, not {max_iter}")
+
+
 def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
                      trace_hdiag: dict[str, torch.Tensor] | None = None, *, tol: float = 1e-10,
                      max_iter: int = 10_000, progress: ProgressFn = None) -> Measures:
     """All Hessian-based measures of ``model`` from ``hdiag`` (normalized-ce diagonal, raw) and
     ``trace_hdiag`` (the diagonal whose trace is reported; defaults to ``hdiag``)."""
-    if not (tol > 0) or max_iter < 1:
-        raise NfmError(f"--tol must be positive and --max-iter at least 1 (got {tol}, {max_iter})")
+    check_solver_options(tol, max_iter)
     trace_hdiag = hdiag if trace_hdiag is None else trace_hdiag
     params = dict(model.named_parameters())
     matrices = weight_matrices(model)

@@ -29,8 +29,8 @@ from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
-from nfm_cli.hessian import compute_hessian_diagonal, load_hessian_diagonal
-from nfm_cli.measures import compute_measures
+from nfm_cli.hessian import check_hessian_options, compute_hessian_diagonal, load_hessian_diagonal
+from nfm_cli.measures import check_solver_options, compute_measures
 from nfm_cli.progress import ProgressFn
 from nfm_cli.rivals import RivalOptions, rival_measures
 
@@ -62,6 +62,8 @@ def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out:
                    extra_result: dict[str, Any] | None = None) -> MeasureResult:
     """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``."""
     start = time.perf_counter()
+    check_solver_options(tol, max_iter)
+    check_out_path(out)
     ck = load_checkpoint(checkpoint)
     h, h_art = load_hessian_diagonal(hdiag, ck)
     trace_h, trace_art = (h, h_art) if trace_hdiag is None else load_hessian_diagonal(trace_hdiag, ck)
@@ -83,6 +85,27 @@ def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out:
             "progress": {"complete": True}, "wall_time": time.perf_counter() - start}
     write_artifact(out, measures.sigmas, "measures", meta)
     return MeasureResult(Path(out), "written", result, [])
+
+
+def check_out_path(out: str | os.PathLike) -> None:
+    """``--out`` must name a file in an existing folder (checked before any work, and named as
+    ``--out``, not as one of the intermediate files written next to it)."""
+    out = Path(out)
+    if out.is_dir():
+        raise NfmError("--out is a directory; give a file name such as run.measures.safetensors", out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise NfmError(f"the folder of --out ({str(folder)!r}) does not exist; create it first", out)
+
+
+def refuse_diverged(ck: Checkpoint) -> None:
+    """A run whose training diverged has no meaningful flatness: say so before computing anything."""
+    if not ck.metrics.get("diverged"):
+        return
+    at = ck.metrics.get("diverged_epoch")
+    where = f" at epoch {at}" if at else ""
+    raise NfmError(f"training diverged{where} (see nfm inspect); its measures would mean nothing: retrain "
+                   "with a smaller --lr", ck.path)
 
 
 def default_measures_path(checkpoint: str | os.PathLike) -> Path:
@@ -114,8 +137,12 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
     samples); asked of a finished measures file without them, they are added to it."""
     if precision not in PRECISIONS:
         raise NfmError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    check_solver_options(tol, max_iter)
+    check_hessian_options(estimator=estimator, probes=probes, samples=samples, batch_size=batch_size)
     out = Path(out) if out is not None else default_measures_path(checkpoint)
+    check_out_path(out)
     ck = load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+    refuse_diverged(ck)
     options = {"estimator": estimator, "samples": samples, "probes": probes if estimator != "exact" else None,
                "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision}
     if out.exists() and not force:

@@ -1,5 +1,6 @@
 """Scatter plots in the style of the paper's Figures 1, 3 and 4: generalization gap vs a measure
-rescaled to [0, 1] by its min and max over the runs, points colored by the random-label ratio.
+rescaled to [0, 1] by its min and max over the runs (or its real values, optionally on a log axis),
+points colored by the random-label ratio.
 
 Rendered with matplotlib's Agg backend through the object API (``Figure`` + ``FigureCanvasAgg``):
 no display, no pyplot global state, so many figures in one process do not leak. Every PNG has a
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
 
 if "matplotlib.pyplot" not in sys.modules:  # never switch the backend under a pyplot user (it closes figures)
     matplotlib.use("Agg")
@@ -67,9 +69,25 @@ def _slug(group: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "all"
 
 
+X_SCALES = ("rescaled", "real", "log")
+
+
+def _x_values(values: np.ndarray, x_scale: str) -> tuple[np.ndarray, int]:
+    """The x coordinates: min-max rescaled (the paper's axis), real, or real for a log axis (values
+    <= 0 cannot be drawn there: they become NaN and are counted)."""
+    if x_scale == "rescaled":
+        return minmax_rescale(values), 0
+    xs = np.asarray(values, dtype=np.float64).copy()
+    if x_scale == "log":
+        bad = np.isfinite(xs) & (xs <= 0)
+        xs[bad] = np.nan
+        return xs, int(bad.sum())
+    return xs, 0
+
+
 def _draw(fig: Figure, ax: Any, runs: Sequence[dict], measure: str, y: str, group_label: str,
-          colorbar: bool = True) -> None:
-    xs = minmax_rescale(column(runs, measure))
+          colorbar: bool = True, x_scale: str = "rescaled") -> None:
+    xs, dropped = _x_values(column(runs, measure), x_scale)
     ys = column(runs, y)
     ratios = column(runs, "random_ratio")
     corr = correlations(column(runs, measure), ys)
@@ -85,8 +103,14 @@ def _draw(fig: Figure, ax: Any, runs: Sequence[dict], measure: str, y: str, grou
         ax.legend(loc="upper left", fontsize=7)
     if not ok:
         ax.text(0.5, 0.5, "no runs with finite values", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_xlabel(f"{TITLES.get(measure, measure)} (rescaled to [0, 1])" + group_label, fontsize=8)
+    axis_note = {"rescaled": " (rescaled to [0, 1])", "real": "", "log": " (log scale)"}[x_scale]
+    if dropped:
+        axis_note += f", {dropped} {'run' if dropped == 1 else 'runs'} <= 0 not shown"
+    if x_scale == "rescaled":
+        ax.set_xlim(-0.05, 1.05)
+    elif x_scale == "log" and ok:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{TITLES.get(measure, measure)}{axis_note}" + group_label, fontsize=8)
     ax.set_ylabel(Y_LABELS.get(y, y), fontsize=8)
     ax.set_title(_title(measure, corr), fontsize=9)
     ax.tick_params(labelsize=7)
@@ -122,10 +146,16 @@ def prepare_dir(out_dir: str | os.PathLike) -> Path:
 
 def scatter_plots(runs: Sequence[dict], measures: Sequence[str] = DEFAULT_MEASURES,
                   out_dir: str | os.PathLike = "plots", y: str = "gap",
-                  group_by: Sequence[str] = DEFAULT_GROUP_BY, progress: ProgressFn = None) -> list[Path]:
+                  group_by: Sequence[str] = DEFAULT_GROUP_BY, progress: ProgressFn = None,
+                  x_scale: str = "rescaled") -> list[Path]:
     """Write ``<measure>.png`` per measure and ``figure1.png`` (Hessian trace | normalized sharpness,
     side by side) into ``out_dir``; with several groups, one set per group named
-    ``<measure>--<model>-<dataset>.png`` / ``figure1--<model>-<dataset>.png``. Returns the paths."""
+    ``<measure>--<model>-<dataset>.png`` / ``figure1--<model>-<dataset>.png``. Returns the paths.
+
+    ``x_scale``: ``rescaled`` (each measure min-max rescaled to [0, 1], as in the paper), ``real``
+    (the measure's own values) or ``log`` (own values on a log axis)."""
+    if x_scale not in X_SCALES:
+        raise NfmError(f"unknown x scale {x_scale!r}; valid: {', '.join(X_SCALES)}")
     out_dir = prepare_dir(out_dir)
     groups = group_runs(runs, group_by)
     several = len(groups) > 1
@@ -136,13 +166,13 @@ def scatter_plots(runs: Sequence[dict], measures: Sequence[str] = DEFAULT_MEASUR
         label = ("\n" + ", ".join(f"{k}={v}" for k, v in group.items())) if several else ""
         for measure in measures:
             fig = Figure(figsize=SCATTER_INCHES, dpi=DPI, layout="constrained")
-            _draw(fig, fig.add_subplot(1, 1, 1), members, measure, y, label)
+            _draw(fig, fig.add_subplot(1, 1, 1), members, measure, y, label, x_scale=x_scale)
             written.append(_save(fig, out_dir / f"{measure}{suffix}.png"))
             report(progress, "plots", len(written), total)
         fig = Figure(figsize=FIGURE1_INCHES, dpi=DPI, layout="constrained")
         left, right = fig.subplots(1, 2, sharey=True)
-        _draw(fig, left, members, "hessian_trace", y, label, colorbar=False)
-        _draw(fig, right, members, "normalized_sharpness", y, label, colorbar=True)
+        _draw(fig, left, members, "hessian_trace", y, label, colorbar=False, x_scale=x_scale)
+        _draw(fig, right, members, "normalized_sharpness", y, label, colorbar=True, x_scale=x_scale)
         written.append(_save(fig, out_dir / f"figure1{suffix}.png"))
         report(progress, "plots", len(written), total)
     return written

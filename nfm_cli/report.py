@@ -6,7 +6,7 @@ A run is one measures file flattened into a dict: every top-level number of its 
 ``random_ratio``, ``model``, ``dataset``, ``seed``, ...) and ``path``. Missing or null numbers are NaN.
 
 Correlations (Pearson r, Spearman rho, Kendall tau-b, with their two-sided p-values) come from
-``scipy.stats`` and use, per measure, only the runs where both the measure and y are finite; ``n``
+``scipy.stats`` (p-values exact by permutation for n <= ``EXACT_P_MAX_N``) and use, per measure, only the runs where both the measure and y are finite; ``n``
 says how many. A correlation that is undefined (fewer than 3 such runs, or a constant measure or y)
 is NaN, never an error. Ties are handled by scipy (average ranks for Spearman, tau-b for Kendall).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import os
 import warnings
@@ -43,7 +44,15 @@ METRIC_LABELS = ("model", "dataset", "seed", "train_size", "epochs", "optimizer"
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
 DEFAULT_GROUP_BY = ("model", "dataset")
 
+EXACT_P_MAX_N = 8  # up to this many runs, p-values are exact permutation p-values (8! orderings)
 STATS = ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p")
+
+
+def _value(value: Any) -> Any:
+    """An int stays an int (batch_size 128, not 128.0), any other number becomes a float, the rest NaN."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return _number(value)
 
 
 def _number(value: Any) -> float:
@@ -59,7 +68,7 @@ def valid_columns(runs: Sequence[dict] = ()) -> list[str]:
     known = list(MEASURES) + [c for c in DIAGNOSTICS if c != "converged"] + list(METRIC_NUMBERS)
     extra = sorted({k for run in runs for k, v in run.items()
                     if k not in known and k not in METRIC_LABELS and k not in ("path", "converged")
-                    and isinstance(v, float)})
+                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
     return known + extra
 
 
@@ -98,19 +107,19 @@ def load_run(path: str | os.PathLike, y: str = "gap") -> dict[str, Any]:
         if key == "converged":
             run[key] = value if isinstance(value, bool) else None
         elif value is None or isinstance(value, (int, float)):
-            run[key] = _number(value)
+            run[key] = _value(value)
     for key in MEASURES:  # absent (e.g. fisher_rao_norm from solve-variance) -> NaN
         run.setdefault(key, math.nan)
     for key, value in metrics.items():
         if key in METRIC_LABELS:
             run[key] = value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
         elif value is None or isinstance(value, (int, float)):
-            run[key] = _number(value)
+            run[key] = _value(value)
     for key in METRIC_NUMBERS:
         run.setdefault(key, math.nan)
     for key in METRIC_LABELS:
         run.setdefault(key, None)
-    if not math.isfinite(run.get(y, math.nan)):
+    if not math.isfinite(_number(run.get(y))):
         raise NfmError(f"measures file has a non-finite {y!r} ({metrics.get(y, result.get(y))!r}; a diverged run?)",
                        path)
     run["path"] = str(path)
@@ -179,19 +188,71 @@ def correlations(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
                 out[r_key], out[p_key] = float(res[0]), float(res[1])
             except (ValueError, FloatingPointError):
                 pass
+    if x.size <= EXACT_P_MAX_N:
+        out.update(exact_p_values(x, y))
     return out
+
+
+def exact_p_values(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Two-sided permutation p-values of Pearson, Spearman and Kendall over all n! orderings of y.
+
+    For small n scipy's p-values rest on large-sample approximations (a perfect Spearman rho at
+    n = 3 gets p = 0); the exact null distribution is the statistic over every permutation, each
+    equally likely under independence: p = share of permutations with |stat| >= |observed|
+    (at n = 3, a perfect rank correlation has p = 2/6)."""
+    n = len(x)
+    perms = np.array(list(itertools.permutations(range(n))))
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    i, j = np.triu_indices(n, 1)
+    sign_x = np.sign(x[i] - x[j])
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # b: (perms, n); the norms do not change
+        return (b - b.mean(axis=-1, keepdims=True)) @ (a - a.mean())
+
+    def kendall(b: np.ndarray) -> np.ndarray:               # numerator of tau-b; the denominator is fixed
+        return np.sign(b[..., i] - b[..., j]) @ sign_x
+
+    result = {}
+    for key, observed, permuted in (("pearson_p", pearson(x, y[None])[0], pearson(x, y[perms])),
+                                    ("spearman_p", pearson(rx, ry[None])[0], pearson(rx, ry[perms])),
+                                    ("kendall_p", kendall(y[None])[0], kendall(y[perms]))):
+        scale = max(abs(observed), float(np.abs(permuted).max()), 1e-300)
+        result[key] = float(np.mean(np.abs(permuted) >= abs(observed) - 1e-12 * scale))
+    return result
 
 
 def _label(value: Any) -> str:
     return "?" if value is None else str(value)
 
 
+def check_group_by(group_by: Sequence[str]) -> None:
+    """Refuse an unknown --group-by field before any file is read."""
+    bad = [g for g in group_by if g not in METRIC_LABELS]
+    if bad:
+        raise NfmError(f"cannot group by {bad[0]!r}; choose from {', '.join(METRIC_LABELS)} (or none)")
+
+
+def check_outputs(plot_dir: str | os.PathLike | None, csv_path: str | os.PathLike | None) -> None:
+    """--plot must be a folder or creatable, --csv a file in an existing folder: checked before reading."""
+    if plot_dir is not None:
+        plot_dir = Path(plot_dir)
+        parent = plot_dir.parent if str(plot_dir.parent) else Path(".")
+        if plot_dir.exists() and not plot_dir.is_dir():
+            raise NfmError("--plot needs a folder, this is a file", plot_dir)
+        if not plot_dir.exists() and not parent.is_dir():
+            raise NfmError(f"--plot: parent folder {str(parent)!r} does not exist; create it first", plot_dir)
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        folder = csv_path.parent if str(csv_path.parent) else Path(".")
+        if csv_path.is_dir():
+            raise NfmError("--csv is a directory; give a file name such as runs.csv", csv_path)
+        if not folder.is_dir():
+            raise NfmError(f"--csv: folder {str(folder)!r} does not exist; create it first", csv_path)
+
+
 def group_runs(runs: Sequence[dict], group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[tuple[dict, list[dict]]]:
     """Split runs by the values of ``group_by`` (in first-seen order); () -> one group of all runs."""
-    allowed = METRIC_LABELS
-    bad = [g for g in group_by if g not in allowed]
-    if bad:
-        raise NfmError(f"cannot group by {bad[0]!r}; choose from {', '.join(allowed)} (or none)")
+    check_group_by(group_by)
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(_label(run.get(g)) for g in group_by), []).append(run)

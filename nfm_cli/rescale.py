@@ -108,10 +108,8 @@ def _factors(count: int, alpha: float | None, random_range, gen: torch.Generator
     return lo + (hi - lo) * torch.rand(count, generator=gen, dtype=torch.float64)
 
 
-@torch.no_grad()
-def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
-                  random_range: tuple[float, float] | None = None, seed: int = 0, pair: int = 0) -> list[str]:
-    """Apply the ``mode`` reparametrization in place; returns the names of the layers touched."""
+def check_rescale_options(mode: str, alpha: float | None, random_range) -> None:
+    """Refuse bad options before any work (``rescale_checkpoint`` calls it before loading data)."""
     if mode not in MODES:
         raise NfmError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
     if (alpha is None) == (random_range is None):
@@ -122,6 +120,13 @@ def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
         lo, hi = random_range
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise NfmError(f"--random-range needs 0 < LO <= HI, not {lo} {hi}")
+
+
+@torch.no_grad()
+def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
+                  random_range: tuple[float, float] | None = None, seed: int = 0, pair: int = 0) -> list[str]:
+    """Apply the ``mode`` reparametrization in place; returns the names of the layers touched."""
+    check_rescale_options(mode, alpha, random_range)
     modules = dict(model.named_modules())
     gen = keyed_generator(seed, "rescale", mode)
     touched: list[str] = []
@@ -187,8 +192,12 @@ def rescale_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mo
                        seed: int = 0, pair: int = 0, data_dir=None) -> RescaleResult:
     """Write a rescaled copy of ``checkpoint`` to ``out`` after checking the function is unchanged."""
     out = Path(out)
+    check_rescale_options(mode, alpha, random_range)
     if out.resolve() == Path(checkpoint).resolve():
         raise NfmError("--out must differ from the input checkpoint (rescale never overwrites it)", out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir() or not folder.is_dir():
+        raise NfmError("--out must be a file in an existing folder", out)
     # rescale in float64 and round once when saving: every stored value is the correctly rounded
     # rescaled value (rescaling in float32 compounds roundings the measures can pick up)
     ck: Checkpoint = load_checkpoint(checkpoint, data_dir=data_dir, dtype=torch.float64)

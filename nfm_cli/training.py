@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import models
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import model_from_spec, tensor_hash
-from nfm_cli.data import dataset_info, load_split, randomize_labels, subset_indices
+from nfm_cli.data import check_data_dir, dataset_info, load_split, randomize_labels, subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli import interrupt
 from nfm_cli.errors import NfmError
@@ -35,6 +36,9 @@ EVAL_BATCH = 1024
 OPTIMIZERS = ("adam", "sgd")
 SAVE_EVERY_SECONDS = 60.0
 RUNNING_LOSS = "train.running_loss"  # the epoch's loss sum so far, in checkpoints saved inside an epoch
+# a run is flagged as diverged when its training loss exceeds this many times ln K (the loss of a
+# uniform guess over K classes), or any loss/accuracy is NaN/inf
+DIVERGENCE_FACTOR = 10.0
 # --width / --depth map to these constructor arguments (mlp: hidden width and hidden layers;
 # wrn16-4: width factor k and total depth 6n+4, e.g. --depth 10 --width 1 for a tiny WRN-10-1)
 _SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
@@ -69,6 +73,7 @@ class TrainConfig:
         if self.model not in models.names():
             raise NfmError(f"unknown model {self.model!r}; valid models: {', '.join(models.names())}")
         dataset_info(self.dataset)
+        check_data_dir(self.data_dir)
         if not 0.0 <= self.random_ratio <= 1.0 or math.isnan(self.random_ratio):
             raise NfmError(f"--random-ratio must be in [0, 1], not {self.random_ratio}")
         for name in ("epochs", "batch_size"):
@@ -135,6 +140,8 @@ class TrainResult:
     metrics: dict[str, Any]
     wall_time: float
     resumed_from: tuple[int, int] | None = None  # (epochs, batches of the next) found in the checkpoint
+    epochs_run: int = 0        # epochs finished by this call (a resumed run counts only its new ones)
+    session_time: float = 0.0  # training time of this call
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", force: bool = False,
@@ -177,9 +184,10 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
     if previous is not None:
         _restore(previous, run, data, math.ceil(len(data.labels) / config.batch_size), out, dev)
     resumed_from = (run.epoch, run.batch) if previous is not None else None
+    start_epoch, wall_before = run.epoch, run.wall
     _loop(run, data, config, spec, out, save_every, progress)
     return TrainResult(out, "resumed" if previous else "trained", run.epoch, run.metrics, run.wall,
-                       resumed_from)
+                       resumed_from, epochs_run=run.epoch - start_epoch, session_time=run.wall - wall_before)
 
 
 @dataclass
@@ -209,8 +217,10 @@ class _Run:
 
 
 def _training_data(config: TrainConfig, spec, dev, download: bool) -> _Data:
-    train_split = load_split(config.dataset, True, config.data_dir, download)
-    test_split = load_split(config.dataset, False, config.data_dir, download)
+    strict = config.data_dir is not None   # an explicit --data-dir must hold the data
+    train_split = load_split(config.dataset, True, config.data_dir, download, strict=strict)
+    test_split = load_split(config.dataset, False, config.data_dir, download, strict=strict)
+    _check_sizes(config, len(train_split), len(test_split))
     indices = subset_indices(len(train_split), config.train_size, config.seed)
     labels = randomize_labels(train_split.y[indices], config.random_ratio, spec["args"]["num_classes"], config.seed)
     test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
@@ -241,17 +251,18 @@ def _loop(run: _Run, data: _Data, config: TrainConfig, spec, out: Path, save_eve
                 consistent = False
                 _train_epoch(run, data, config, batches, progress)
                 consistent = True
-                run.metrics = _epoch_metrics(run, data, n)
+                run.metrics = _epoch_metrics(run, data, n, spec)
                 run.history.append(dict(run.metrics, epoch=run.epoch + 1))
                 run.epoch, run.batch = run.epoch + 1, 0
                 run.running = torch.zeros_like(run.running)
                 stop = config.reached_stop_loss(run.metrics)
-                if (run.epoch == config.epochs or stop or run.metrics.get("diverged")
+                if (run.epoch == config.epochs or stop or _nonfinite(run.metrics)
                         or time.monotonic() - last_save >= save_every):
                     save()
                 report(progress, "epoch", run.epoch, config.epochs, loss=run.metrics["epoch_loss"],
-                       train_acc=run.metrics["train_acc"], test_acc=run.metrics["test_acc"])
-                if run.metrics.get("diverged"):
+                       train_acc=run.metrics["train_acc"], test_acc=run.metrics["test_acc"],
+                       diverged=True if run.metrics.get("diverged") else None)
+                if _nonfinite(run.metrics):
                     raise NfmError(f"training diverged at epoch {run.epoch} (loss is NaN/inf); the checkpoint "
                                    "records it; try a smaller --lr", out)
                 if stop:
@@ -262,7 +273,7 @@ def _loop(run: _Run, data: _Data, config: TrainConfig, spec, out: Path, save_eve
             save()
         raise interrupt.Interrupted(stop.signum, _describe_position(run, batches, out)) from None
     except BaseException:
-        if consistent and (run.epoch, run.batch) != saved and not run.metrics.get("diverged"):
+        if consistent and (run.epoch, run.batch) != saved and not _nonfinite(run.metrics):
             try:
                 save()
             except NfmError:
@@ -300,13 +311,39 @@ def _check_signal() -> None:
         raise _StopRequested(signum)
 
 
-def _epoch_metrics(run: _Run, data: _Data, n: int) -> dict[str, Any]:
+def _epoch_metrics(run: _Run, data: _Data, n: int, spec: dict[str, Any]) -> dict[str, Any]:
     metrics = _evaluate(run.model, data.x_train, data.y_train, data.x_test, data.y_test)
     metrics["epoch_loss"] = float(run.running) / n
+    limit = DIVERGENCE_FACTOR * math.log(spec["args"]["num_classes"])
+    return _flag_divergence(metrics, run.history, run.epoch + 1, limit)
+
+
+def _flag_divergence(metrics: dict[str, Any], history: list[dict], epoch: int, limit: float) -> dict[str, Any]:
+    """Mark a diverged run in its metrics: a non-finite number (stored as null), or a training loss
+    above ``limit`` (``DIVERGENCE_FACTOR`` x ln K, i.e. far worse than a uniform guess). Once
+    flagged, the run stays flagged (``diverged_epoch`` is the first such epoch)."""
     metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-    if any(v is None for v in metrics.values()):
+    earlier = next((h.get("diverged_epoch") for h in history if h.get("diverged")), None)
+    blown = any(v is None for v in metrics.values()) or any(
+        metrics.get(k) is not None and metrics[k] > limit for k in ("epoch_loss", "train_loss"))
+    if earlier is not None or blown:
         metrics["diverged"] = True
+        metrics["diverged_epoch"] = earlier if earlier is not None else epoch
     return metrics
+
+
+def _nonfinite(metrics: dict[str, Any]) -> bool:
+    """A loss came out NaN/inf (stored as null): training cannot go on."""
+    return bool(metrics.get("diverged")) and any(metrics.get(k) is None for k in ("epoch_loss", "train_loss"))
+
+
+def _check_sizes(config: TrainConfig, n_train: int, n_test: int) -> None:
+    """--train-size / --test-size larger than the split are refused (never silently capped)."""
+    for option, size, n, split in (("--train-size", config.train_size, n_train, "training"),
+                                   ("--test-size", config.test_size, n_test, "test")):
+        if size is not None and size > n:
+            raise NfmError(f"{option} {size} is more than the {n} samples of the {config.dataset} {split} "
+                           "split; leave it out to use them all")
 
 
 def _describe_position(run: _Run, batches: int, out: Path) -> str:
@@ -317,7 +354,7 @@ def _describe_position(run: _Run, batches: int, out: Path) -> str:
 @torch.no_grad()
 def _evaluate(model, x_train, y_train, x_test, y_test) -> dict[str, float]:
     model.eval()
-    result = {}
+    result, counts = {}, {}
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         loss_sum, correct = 0.0, 0
         for start in range(0, len(y), EVAL_BATCH):
@@ -327,8 +364,15 @@ def _evaluate(model, x_train, y_train, x_test, y_test) -> dict[str, float]:
             correct += int((logits.argmax(1) == target).sum())
         result[f"{split}_loss"] = loss_sum / len(y)
         result[f"{split}_acc"] = correct / len(y)
-    result["gap"] = result["train_acc"] - result["test_acc"]
+        counts[split] = (correct, len(y))
+    result["gap"] = accuracy_gap(*counts["train"], *counts["test"])
     return result
+
+
+def accuracy_gap(train_correct: int, n_train: int, test_correct: int, n_test: int) -> float:
+    """train accuracy - test accuracy, computed exactly and rounded once (1.0 - 0.774 is 0.226, not
+    the 0.22599999999999998 a float subtraction gives)."""
+    return float(Fraction(train_correct, n_train) - Fraction(test_correct, n_test))
 
 
 def _previous_run(out: Path, config: TrainConfig) -> dict[str, Any]:

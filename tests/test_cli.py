@@ -32,7 +32,7 @@ def test_train_prints_only_the_path_on_stdout(cli, tmp_path):
     (["train", "--epochs", "0", "--out", "{tmp}/x.safetensors"], "--epochs must be a positive integer"),
     (["train", "--batch-size", "-3", "--out", "{tmp}/x.safetensors"], "--batch-size must be a positive"),
     (["train", "--dataset", "synthetic", "--out", "{tmp}/missing/x.safetensors"], "does not exist"),
-    (["train", "--dataset", "cifar10", "--data-dir", "{tmp}", "--out", "{tmp}/x.safetensors"], "not found"),
+    (["train", "--dataset", "cifar10", "--data-dir", "{tmp}", "--out", "{tmp}/x.safetensors"], "does not hold the cifar10"),
     (["train", "--epochs", "many", "--out", "{tmp}/x.safetensors"], "epochs"),
     (["inspect", "{tmp}/absent.safetensors"], "no such file"),
     (["inspect", "{tmp}"], "is a directory"),

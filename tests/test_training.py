@@ -129,7 +129,7 @@ def test_changed_dataset_files_are_detected(tiny_checkpoint, monkeypatch):
     import nfm_cli.checkpoint as checkpoint_module
     from nfm_cli.data import Split, synthetic_split
 
-    def altered(name, train, data_dir=None, download=False):
+    def altered(name, train, data_dir=None, download=False, strict=False):
         split = synthetic_split(train)
         return Split(split.x + 1e-3, split.y)
 

@@ -27,7 +27,8 @@ def _number(value: Any) -> str:
 
 def render_summary(result: dict[str, Any], path: Path) -> None:
     """Per-layer table and totals on stderr (stdout carries the path or the JSON)."""
-    layers = Table("layer", "shape", "normalized", "matrix-norm.", "trace", "||W||_F^2", "iters", "residual",
+    trace_header = f"trace ({result.get('trace_loss') or 'ce'} loss)"
+    layers = Table("layer", "shape", "normalized", "matrix-norm.", trace_header, "||W||_F^2", "iters", "residual",
                    title=f"{path}", title_justify="left")
     for name, layer in result["layers"].items():
         layers.add_row(name, "x".join(map(str, layer["shape"])), _number(layer["normalized_sharpness"]),

@@ -17,6 +17,11 @@ if not console.is_terminal:  # logs and pipes: wide enough for the tables, no wr
     console = Console(stderr=True, width=140)
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 run``, ``3 runs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"

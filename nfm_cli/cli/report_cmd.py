@@ -11,9 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from nfm_cli.cli import app
-from nfm_cli.cli.render import console, print_json, progress_bar
-from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, add_protocol, check_names, correlation_table, load_runs,
-                            write_csv)
+from nfm_cli.cli.render import console, plural, print_json, progress_bar
+from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, add_protocol, check_group_by, check_names,
+                            check_outputs, correlation_table, load_runs, write_csv)
 
 
 def _cell(value: float) -> str:
@@ -38,6 +38,10 @@ def report_command(
                           "train accuracy - test accuracy)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
                                         "figure1.png) into this folder (created if missing)."),
+    real_x: bool = typer.Option(False, "--real-x", help="Plot each measure's own values on the x axis "
+                                "(default: rescaled to [0, 1] by its min and max, as in the paper)."),
+    log_x: bool = typer.Option(False, "--log-x", help="Plot each measure's own values on a log x axis "
+                               "(runs with values <= 0 are left out and counted in the label)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
     group_by: str = typer.Option(",".join(DEFAULT_GROUP_BY), "--group-by",
@@ -58,6 +62,8 @@ def report_command(
     measures = check_names(_split(x) or list(DEFAULT_MEASURES), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
                                                                        if g.strip())
+    check_group_by(groups)
+    check_outputs(plot, csv_path)
     with progress_bar(quiet or not console.is_terminal) as on_event:
         runs, skipped = load_runs(files, y=y, progress=on_event)
         table = correlation_table(runs, measures, y=y, group_by=groups)
@@ -66,7 +72,8 @@ def report_command(
         plots: list[Path] = []
         if plot is not None:
             from nfm_cli.plots import scatter_plots  # matplotlib only when plotting
-            plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event)
+            plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event,
+                                  x_scale="log" if log_x else ("real" if real_x else "rescaled"))
     written_csv = write_csv(runs, csv_path) if csv_path is not None else None
 
     for path, reason in skipped:
@@ -82,7 +89,7 @@ def report_command(
         out = Console(width=max(out.width, 120))
     for group in table:
         name = ", ".join(f"{k}={v}" for k, v in group["group"].items()) or "all runs"
-        t = Table(title=escape(f"{name}: {group['n_runs']} runs, correlation with {y}"), title_justify="left")
+        t = Table(title=escape(f"{name}: {plural(group['n_runs'], 'run')}, correlation with {y}"), title_justify="left")
         t.add_column("measure", no_wrap=True, min_width=max(len(m) for m in group["correlations"]))
         for header in ("n", "pearson r", "spearman \u03c1", "kendall \u03c4", "min", "max"):
             t.add_column(header, justify="right", no_wrap=True)

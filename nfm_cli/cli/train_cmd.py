@@ -9,7 +9,7 @@ import typer
 from nfm_cli.cli import app
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.render import console, progress_bar
-from nfm_cli.training import TrainConfig, train
+from nfm_cli.training import DIVERGENCE_FACTOR, TrainConfig, train
 
 
 @app.command("train")
@@ -67,7 +67,18 @@ def train_command(
         if result.resumed_from is not None:
             epochs, batches = result.resumed_from
             console.print(f"resumed after {epochs} epochs" + (f" and {batches} minibatches" if batches else ""))
-        console.print(f"{result.status} {result.epochs_done} epochs in {result.wall_time:.1f}s: "
-                      f"train acc {m.get('train_acc', float('nan')):.4f}, test acc {m.get('test_acc', float('nan')):.4f}, "
-                      f"gap {m.get('gap', float('nan')):.4f}")
+        first = result.epochs_done - result.epochs_run + 1
+        what = (f"trained epochs {first}-{result.epochs_done} in {result.session_time:.1f}s "
+                f"({result.epochs_done} in all)" if result.status == "resumed"
+                else f"trained {result.epochs_run} epochs in {result.session_time:.1f}s")
+        console.print(f"{what}: train acc {m.get('train_acc', float('nan')):.4f}, "
+                      f"test acc {m.get('test_acc', float('nan')):.4f}, gap {m.get('gap', float('nan')):.4f}",
+                      highlight=False)
+    if m.get("diverged"):
+        loss = m.get("train_loss")
+        loss_text = f"{loss:.3g}" if isinstance(loss, float) else "not finite"
+        console.print(f"warning: training diverged at epoch {m.get('diverged_epoch')} (train loss {loss_text}, "
+                      f"more than {DIVERGENCE_FACTOR:g} x ln(classes), the loss of a uniform guess); the checkpoint "
+                      "records it and nfm measure refuses it: retrain with a smaller --lr",
+                      style="yellow", markup=False, highlight=False, soft_wrap=True)
     typer.echo(str(out))

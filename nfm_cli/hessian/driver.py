@@ -113,18 +113,8 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     finite-diff (default 100; ignored by exact); ``batch_size``: default ``auto_batch_size``;
     ``force``: start over whatever is at ``out``. Raises ``NfmError`` for every problem the user can fix.
     """
-    _check_choice(loss, LOSS_NAMES, "loss")
-    _check_choice(estimator, ESTIMATORS, "estimator")
-    if batch_size is not None and int(batch_size) < 1:
-        raise NfmError(f"--batch-size must be at least 1, not {batch_size}")
-    if estimator == "exact":
-        probes = None           # exact has no probes: the option is ignored
-    else:
-        probes = DEFAULT_PROBES if probes is None else int(probes)
-        if probes < 1:
-            raise NfmError(f"--probes must be at least 1, not {probes}")
-    if estimator == "finite-diff" and not (finite_diff_scale > 0 and math.isfinite(finite_diff_scale)):
-        raise NfmError(f"--finite-diff-scale must be a positive number, not {finite_diff_scale}")
+    probes = check_hessian_options(loss=loss, estimator=estimator, probes=probes, samples=samples,
+                                   batch_size=batch_size, finite_diff_scale=finite_diff_scale)
     out = Path(out)
     if out.is_dir():
         raise NfmError("output path is a directory; give a file name such as hdiag.safetensors", out)
@@ -204,6 +194,9 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
 
     result = est.finish(state)
     if not all(bool(torch.isfinite(d).all()) for d in result.diagonal.values()):
+        if (getattr(ck, "metrics", None) or {}).get("diverged"):
+            raise NfmError("the Hessian diagonal came out NaN or inf: training diverged (see nfm inspect); "
+                           "retrain with a smaller --lr", ck_path or None)
         raise NfmError("the Hessian diagonal came out NaN or inf (weights too large for the float "
                        "precision? try --device cpu with a float64 copy, or check the checkpoint)", ck_path or None)
     wall = wall_before + time.perf_counter() - t0
@@ -220,6 +213,26 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
         distributed.barrier(ctx)            # the file exists for every rank once this returns
     return HessianResult(out, "resumed" if start > 0 else "computed", config, diagonal, stderr, metrics,
                          wall, sha, ck.sha256)
+
+
+def check_hessian_options(*, loss: str = "normalized-ce", estimator: str = "exact", probes: int | None = None,
+                          samples: int | None = None, batch_size: int | None = None,
+                          finite_diff_scale: float = FD_SCALE) -> int | None:
+    """Refuse bad options before any work; returns the probe count to use (None for exact)."""
+    _check_choice(loss, LOSS_NAMES, "loss")
+    _check_choice(estimator, ESTIMATORS, "estimator")
+    if batch_size is not None and int(batch_size) < 1:
+        raise NfmError(f"--batch-size must be at least 1, not {batch_size}")
+    if samples is not None and int(samples) < 1:
+        raise NfmError(f"--samples must be at least 1, not {samples}")
+    if estimator == "finite-diff" and not (finite_diff_scale > 0 and math.isfinite(finite_diff_scale)):
+        raise NfmError(f"--finite-diff-scale must be a positive number, not {finite_diff_scale}")
+    if estimator == "exact":
+        return None             # exact has no probes: the option is ignored
+    probes = DEFAULT_PROBES if probes is None else int(probes)
+    if probes < 1:
+        raise NfmError(f"--probes must be at least 1, not {probes}")
+    return probes
 
 
 def auto_batch_size(model: torch.nn.Module, example: torch.Tensor, estimator: str, samples: int,
