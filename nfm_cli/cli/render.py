@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
+import time
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -28,11 +30,98 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+def log_interval() -> float:
+    """Seconds between two log lines of the same task ($NFM_LOG_INTERVAL, default 5; 0 = every event)."""
+    try:
+        return max(0.0, float(os.environ.get("NFM_LOG_INTERVAL", "5")))
+    except ValueError:
+        return 5.0
+
+
+class LogLines:
+    """Progress as plain timestamped lines, for stderr that is not a terminal (batch jobs, ``2>log``).
+
+    One line per epoch (at most one every ``interval`` seconds, the last one always), other tasks
+    (Hessian samples/probes, Fisher-Rao, solver layers) at most every 6 x ``interval``, training
+    batches only when nothing was logged for 12 x ``interval`` (a long epoch still shows life), and
+    a line whenever a partial result is saved. Each line: time, task, done/total, the event's
+    numbers, the command's elapsed time and the task's ETA at its rate in this session.
+    """
+
+    def __init__(self, write, interval: float | None = None, clock=time.monotonic, wall=time.time):
+        self.write, self.clock, self.wall = write, clock, wall
+        self.interval = log_interval() if interval is None else interval
+        self.first: dict[str, tuple[float, int]] = {}   # task -> (time, done) its rate is measured from
+        self.last_line: dict[str, float] = {}
+        self.any_line = -math.inf
+        self.created = clock()
+        self.first_event: float | None = None
+
+    def _gap(self, task: str) -> float:
+        return {"epoch": 1, "batch": 12}.get(task, 6) * self.interval
+
+    def __call__(self, event: ProgressEvent) -> None:
+        now = self.clock()
+        if self.first_event is None:
+            self.first_event = now
+        if event.task == NOTE:
+            self._line(str(event.info.get("message", "")))
+            return
+        if event.task == "saved":
+            self._line(f"saved progress of {event.info.get('file', 'the output')} "
+                       f"({event.done}/{event.total} units); rerun the same command to resume from here")
+            return
+        base = self.first.get(event.task)
+        if base is None or event.done < base[1]:   # a new task, or a task starting over (the next epoch's batches)
+            # an epoch event arrives when the epoch is over: it started with the first event (its first batch)
+            base = (self.first_event, event.done - 1) if event.task == "epoch" else (now, event.done)
+            self.first[event.task] = base
+        final = event.done >= event.total
+        since = now - (self.any_line if event.task == "batch" else self.last_line.get(event.task, -math.inf))
+        if not final and since < self._gap(event.task):
+            return
+        self.last_line[event.task] = now
+        rate_done = event.done - base[1]
+        eta = (now - base[0]) / rate_done * (event.total - event.done) if rate_done > 0 and not final else None
+        info = dict(event.info)
+        unit = info.pop("unit", None)
+        label = event.task
+        if event.task == "batch" and "epoch" in info:
+            label = f"epoch {info['epoch']}/{info.get('epochs', '?')} batch"
+        text = f"{label} {event.done}/{event.total}" + (f" {unit}" if unit else "")
+        text += "".join(f" {k} {_fmt(v)}" for k, v in info.items() if k not in ("epoch", "epochs") and v is not None)
+        text += f" elapsed {_duration(now - self.created)}" + (f" eta {_duration(eta)}" if eta is not None else "")
+        self._line(text)
+
+    def _line(self, text: str) -> None:
+        self.any_line = self.clock()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.wall()))
+        self.write(f"{stamp} {text}\n")
+
+
+def _write_stderr(text: str) -> None:
+    if console.quiet:          # under torchrun, ranks > 0 stay silent
+        return
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def progress_bar(quiet: bool = False) -> Iterator[Any]:
-    """A callback for the core's progress events, drawing one bar per task name on stderr."""
+    """A callback for the core's progress events: one rich bar per task name on a terminal, plain
+    timestamped lines (``LogLines``) when stderr is a file or pipe."""
     if quiet:
         yield None
+        return
+    if not console.is_terminal:
+        yield LogLines(_write_stderr)
         return
     bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -46,6 +135,8 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
         nonlocal started
         if event.task == NOTE:      # a one-line message above the bars, not a bar
             print_note(event.info.get("message", ""))
+            return
+        if event.task == "saved":  # the bars show progress already; saves matter in logs
             return
         if not started:
             bars.start()

@@ -185,6 +185,7 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
         write_artifact(out, {f"state.{k}": v for k, v in values.items()}, KIND,
                        dict(meta_base, progress=_progress(est, units, False),
                             wall_time=wall_before + time.perf_counter() - t0))
+        report(progress, "saved", units, est.units_total, file=out.name)
         return f"{units} of {est.units_total} units of {out} are saved"
 
     if ctx.active:
