@@ -13,9 +13,19 @@ JOBS ?= 2
 
 install: $(STAMP)
 
+# torch: a torch already installed within setup.cfg's range is kept (only a matching torchvision is
+# added if missing); the pinned torch 2.14.1 / torchvision 0.29.1 are installed only when there is none.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU-only wheels; FORCE_TORCH=1 replaces
+# an installed torch that is outside the supported range.
+TORCH_INDEX ?=
+
 $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install --quiet "setuptools>=64" wheel
-	$(PIP) install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	@reqs="$$($(PYTHON) scripts/torch_requirements.py)" || exit 1; \
+	if [ -n "$$reqs" ]; then \
+	  echo "installing $$reqs$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
+	  $(PIP) install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $$reqs || exit 1; \
+	fi
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
