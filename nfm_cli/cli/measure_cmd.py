@@ -27,20 +27,31 @@ def _number(value: Any) -> str:
 
 def render_summary(result: dict[str, Any], path: Path) -> None:
     """Per-layer table and totals on stderr (stdout carries the path or the JSON)."""
+    render_layers(result, str(path))
+    render_totals(result, "totals")
+
+
+def render_layers(result: dict[str, Any], title: str) -> None:
+    """One row per weight matrix: its normalized, matrix-normalized sharpness, trace, norm, solver stats."""
     trace_header = f"trace ({result.get('trace_loss') or 'ce'} loss)"
     layers = Table("layer", "shape", "normalized", "matrix-norm.", trace_header, "||W||_F^2", "iters", "residual",
-                   title=f"{path}", title_justify="left")
+                   title=title, title_justify="left")
     for name, layer in result["layers"].items():
         layers.add_row(name, "x".join(map(str, layer["shape"])), _number(layer["normalized_sharpness"]),
                        _number(layer["matrix_normalized_sharpness"]), _number(layer["hessian_trace"]),
                        _number(layer["frobenius_norm_sq"]), str(layer["iterations"]), f"{layer['residual']:.1e}")
     console.print(layers)
-    totals = Table("measure", "value", title="totals", title_justify="left")
+
+
+def render_totals(result: dict[str, Any], title: str) -> None:
+    """The whole-network measures, the run's accuracies and gap, and a convergence warning."""
+    totals = Table("measure", "value", title=title, title_justify="left")
     for key in TOTALS:
         if key in result:
-            totals.add_row(key, _number(result[key]))
+            label = f"{key} ({result.get('trace_loss') or 'ce'} loss)" if key == "hessian_trace" else key
+            totals.add_row(label, _number(result[key]))
     m = result.get("metrics", {})
-    totals.add_row("params left out", f"{result['params_left_out']} (biases, normalization)")
+    totals.add_row("params left out", f"{result.get('params_left_out')} (biases, normalization)")
     totals.add_row("train / test acc, gap", f"{_number(m.get('train_acc'))} / {_number(m.get('test_acc'))}, "
                    f"{_number(m.get('gap'))}")
     console.print(totals)

@@ -13,7 +13,7 @@ from rich.table import Table
 from nfm_cli.cli import app
 from nfm_cli.cli.render import console, plural, print_json, progress_bar
 from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, add_protocol, check_group_by, check_names,
-                            check_outputs, correlation_table, load_runs, write_csv)
+                            check_outputs, correlation_table, group_runs, load_runs, write_csv)
 
 
 def _cell(value: float) -> str:
@@ -53,6 +53,8 @@ def report_command(
                                   "sign error (max, 90th percentile); see README."),
     bootstrap: int = typer.Option(200, "--bootstrap", help="With --protocol: bootstrap replicates over seeds for "
                                   "the 95% intervals (when the runs have several seeds; 0: none)."),
+    per_run: bool = typer.Option(False, "--runs", help="Print one row per run (random-label ratio, accuracies, "
+                                 "gap and the --x measures) instead of the correlations; with --json, add them."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Correlate each flatness measure with the generalization gap over many runs (Pearson r,
@@ -79,14 +81,56 @@ def report_command(
     for path, reason in skipped:
         console.print(f"skipped {path}: {reason}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if as_json:
-        print_json({"y": y, "group_by": list(groups), "measures": measures, "n_files": len(files),
-                    "n_runs": len(runs), "groups": table,
-                    "skipped": [{"path": p, "reason": r} for p, r in skipped],
-                    "plots": [str(p) for p in plots], "csv": str(written_csv) if written_csv else None})
+        data = {"y": y, "group_by": list(groups), "measures": measures, "n_files": len(files),
+                "n_runs": len(runs), "groups": table,
+                "skipped": [{"path": p, "reason": r} for p, r in skipped],
+                "plots": [str(p) for p in plots], "csv": str(written_csv) if written_csv else None}
+        if per_run:
+            data["runs"] = [{k: run.get(k) for k in ("path",) + RUN_COLUMNS + (y,) + tuple(measures)}
+                            for run in runs]
+        print_json(data)
         return
     out = Console()  # the table is report's main output: stdout
     if not out.is_terminal:  # a file or pipe has no width: do not squeeze the table into 80 columns
         out = Console(width=max(out.width, 120))
+    if per_run:
+        _print_runs(out, runs, measures, groups, y)
+    else:
+        _print_correlations(out, table, y, protocol)
+    _print_notes(runs, files, skipped, plots, plot, written_csv)
+
+
+RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")
+
+
+def _print_runs(out: Console, runs: list[dict], measures: list[str], groups: tuple[str, ...], y: str) -> None:
+    """One table per group, one row per run: the run's file name, ratio, accuracies, y, measures."""
+    for group, members in group_runs(runs, groups):
+        name = ", ".join(f"{k}={v}" for k, v in group.items()) or "all runs"
+        t = Table(title=escape(f"{name}: {plural(len(members), 'run')}"), title_justify="left")
+        t.add_column("run", no_wrap=True)
+        for header in RUN_COLUMNS + (y,) + tuple(measures):
+            t.add_column(header.replace("_", " "), justify="right")
+        for run in members:
+            t.add_row(escape(_run_name(run["path"])), *(_num(_float(run.get(k)))
+                                                         for k in RUN_COLUMNS + (y,) + tuple(measures)))
+        out.print(t)
+
+
+def _run_name(path: str) -> str:
+    """``demo/mlp-r0.3.measures.safetensors`` -> ``mlp-r0.3``."""
+    name = Path(path).name
+    for suffix in (".measures.safetensors", ".safetensors"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _float(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _print_correlations(out: Console, table: list[dict], y: str, protocol: bool = False) -> None:
     for group in table:
         name = ", ".join(f"{k}={v}" for k, v in group["group"].items()) or "all runs"
         t = Table(title=escape(f"{name}: {plural(group['n_runs'], 'run')}, correlation with {y}"), title_justify="left")
@@ -99,11 +143,17 @@ def report_command(
         out.print(t)
         if protocol:
             out.print(_protocol_table(group, name))
+
+
+def _print_notes(runs, files, skipped, plots, plot, written_csv) -> None:
     if skipped:
         console.print(f"{len(runs)} of {len(files)} files reported, {len(skipped)} skipped", style="yellow",
                       highlight=False)
     if plots:
-        console.print(f"wrote {len(plots)} plots to {plot}", markup=False, highlight=False, soft_wrap=True)
+        figure1 = [p for p in plots if p.name.startswith("figure1")]
+        where = f" (Figure 1, Hessian trace | normalized sharpness vs gap: {', '.join(map(str, figure1))})" \
+            if figure1 else ""
+        console.print(f"wrote {len(plots)} plots to {plot}{where}", markup=False, highlight=False, soft_wrap=True)
     if written_csv is not None:
         console.print(f"wrote {written_csv}", markup=False, highlight=False, soft_wrap=True)
 
