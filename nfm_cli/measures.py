@@ -1,8 +1,8 @@
 """Flatness measures of one checkpoint from its Hessian diagonal(s): the normalized sharpness and its rivals.
 
 Per weight matrix (Linear ``[out, in]``; Conv ``[out, in, kh, kw]`` with h and W^2 summed over the
-kernel positions, Sec. 5.3), with h the Hessian diagonal of the ``normalized-ce`` loss (20)-(22)
-clipped at 0 (Algorithm 1) and lambda = 1/2:
+kernel positions, Sec. 5.3; a grouped conv as its block-diagonal [out, in] matrix), with h the
+Hessian diagonal of the ``normalized-ce`` loss (20)-(22) clipped at 0 (Algorithm 1) and lambda = 1/2:
 
 - ``normalized_sharpness``: sum over layers of S_l, the minimum of (17) (``variance.solve_layer``);
 - ``matrix_normalized_sharpness``: sum of 2 sqrt(||W||_F^2 H) (eq. 13 with the same lambda
@@ -81,10 +81,12 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
     for index, (name, layer) in enumerate(matrices.items()):
         weight = params[name].detach().to("cpu", torch.float64)
         h_raw = hdiag[name].to("cpu", torch.float64)
-        w2, h = to_matrix(weight, h_raw)
+        groups = getattr(layer, "groups", 1)
+        w2, h = to_matrix(weight, h_raw, groups)
         solution: LayerSolution = solve_layer(w2, h, tol=tol, max_iter=max_iter)
         mnorm = matrix_normalized_layer(w2, h)
-        spectral = spectral_norm(weight.reshape(weight.shape[0], -1))
+        # a grouped conv is block diagonal: its spectral norm is the largest of its blocks'
+        spectral = max(spectral_norm(block.reshape(block.shape[0], -1)) for block in weight.chunk(groups))
         layer_frob = float(w2.sum())
         neg = float(h_raw.clamp_max(0).abs().sum())
         negative_mass += neg
@@ -96,7 +98,7 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
         sigmas[f"sigma_row.{name}"] = solution.sigma_row
         sigmas[f"sigma_col.{name}"] = solution.sigma_col
         layers[name] = {
-            "type": type(layer).__name__, "shape": list(weight.shape),
+            "type": type(layer).__name__, "shape": list(weight.shape), "groups": groups,
             "normalized_sharpness": solution.value, "matrix_normalized_sharpness": mnorm,
             "hessian_trace": float(trace_hdiag[name].double().sum()),
             "frobenius_norm_sq": layer_frob, "spectral_norm": spectral,

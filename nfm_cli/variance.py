@@ -6,7 +6,8 @@ For one weight matrix with squared weights ``w2[i, j] = W_ij**2`` and Hessian di
     S_l = inf_{a, b > 0}  sum_ij  h_ij a_i b_j + w2_ij / (a_i b_j),        a_i = sigma_i**2, b_j = sigma'_j**2.
 
 For a convolution ``[out, in, kh, kw]`` every kernel position of (i, j) shares sigma_i sigma'_j
-(Sec. 5.3), so h and w2 are summed over the kernel positions first (:func:`to_matrix`).
+(Sec. 5.3), so h and w2 are summed over the kernel positions first (:func:`to_matrix`); a grouped
+convolution gives the block-diagonal [out, in] matrix of its real connections.
 Another lambda only rescales the value: S_l(lambda) = S_l(1/2) * sqrt((1/2) / lambda)
 (Sec. 5.3, :func:`lambda_scale`).
 
@@ -156,10 +157,15 @@ def _check_pair(w2, h) -> tuple[torch.Tensor, torch.Tensor]:
     return w2, h
 
 
-def to_matrix(weight: torch.Tensor, hdiag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w2, h) as float64 [out, in] matrices for a Linear ``[out, in]`` or Conv ``[out, in, *k]`` weight.
+def to_matrix(weight: torch.Tensor, hdiag: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w2, h) as float64 [out, in] matrices for a Linear ``[out, in]`` or Conv ``[out, in / groups, *k]`` weight.
 
     ``hdiag`` (same shape as ``weight``) is clipped at 0 *before* summing over the kernel positions.
+    ``groups`` (a grouped or depthwise conv): row i belongs to group g = i // (out / groups) and its
+    column j of the weight is input channel g * (in / groups) + j. The result is the full
+    [out, in] matrix, zero outside the groups: every real connection (i, j) shares sigma_i sigma'_j
+    (Sec. 5.3) with one sigma' per input channel, and an absent connection has h = w2 = 0, so it
+    contributes nothing to (17).
     """
     weight = _as_f64(weight, "weight")
     hdiag = _as_f64(hdiag, "hdiag")
@@ -169,13 +175,26 @@ def to_matrix(weight: torch.Tensor, hdiag: torch.Tensor) -> tuple[torch.Tensor, 
         raise ValueError(f"weight must have at least 2 dims [out, in, ...]; got {tuple(weight.shape)}")
     if not bool(torch.isfinite(weight).all()) or not bool(torch.isfinite(hdiag).all()):
         raise ValueError("weight or hdiag contains NaN or inf")
+    if groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"groups must divide the {weight.shape[0]} output channels; got {groups}")
     w2 = weight.square()
     h = hdiag.clamp_min(0.0)
     if weight.ndim > 2:
         dims = tuple(range(2, weight.ndim))
         w2 = w2.sum(dim=dims)
         h = h.sum(dim=dims)
+    if groups > 1:
+        w2, h = _block_diagonal(w2, groups), _block_diagonal(h, groups)
     return w2.contiguous(), h.contiguous()
+
+
+def _block_diagonal(per_group: torch.Tensor, groups: int) -> torch.Tensor:
+    """[out, in / groups] -> [out, in]: row block g placed at column block g, zeros elsewhere."""
+    out, width = per_group.shape
+    full = per_group.new_zeros(groups, out // groups, groups, width)
+    index = torch.arange(groups)
+    full[index, :, index, :] = per_group.reshape(groups, out // groups, width)
+    return full.reshape(out, groups * width)
 
 
 # --------------------------------------------------------------------------- closed forms
@@ -247,6 +266,35 @@ def _find_cores(hm: torch.Tensor, wm: torch.Tensor) -> list[tuple[torch.Tensor, 
         for r_, c_ in ((fr & ~kr, fc & ~kc), (br & ~kr, bc & ~kc), (rs & ~fr & ~br, cs & ~fc & ~bc)):
             if bool(r_.any()) or bool(c_.any()):
                 stack.append((r_, c_))
+    return cores
+
+
+def _cores_by_component(hm: torch.Tensor, wm: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``_find_cores`` on each connected component of the support separately (same cores: an SCC
+    never spans two components). Block-diagonal supports (grouped convs) are then cheap."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    R, C = hm.shape
+    rows, cols = torch.nonzero(hm | wm, as_tuple=True)
+    if len(rows) == 0:
+        return []
+    edges = coo_matrix((torch.ones(len(rows)).numpy(), (rows.numpy(), (cols + R).numpy())), shape=(R + C, R + C))
+    count, labels = connected_components(edges, directed=False)
+    if count == 1:
+        return _find_cores(hm, wm)
+    labels = torch.from_numpy(labels)
+    cores = []
+    for component in range(count):
+        r = torch.nonzero(labels[:R] == component)[:, 0]
+        c = torch.nonzero(labels[R:] == component)[:, 0]
+        if len(r) == 0 or len(c) == 0:
+            continue                                   # an isolated row or column: no arc
+        if len(r) == 1 and len(c) == 1:                # one entry: a core when both h and w2 are > 0
+            if bool(hm[r[0], c[0]]) and bool(wm[r[0], c[0]]):
+                cores.append((r, c))
+            continue
+        cores += [(r[kr], c[kc]) for kr, kc in _find_cores(hm[r][:, c], wm[r][:, c])]
     return cores
 
 
@@ -449,7 +497,7 @@ def _solve_layer(w2: torch.Tensor, h: torch.Tensor, tol: float, max_iter: int) -
     sigma_row = torch.zeros(R, dtype=_DT)
     sigma_col = torch.zeros(C, dtype=_DT)
     hm, wm = h > 0, w2 > 0
-    cores = _find_cores(hm, wm) if R and C else []
+    cores = _cores_by_component(hm, wm) if R and C else []
 
     value = 0.0
     iterations = 0
@@ -461,7 +509,10 @@ def _solve_layer(w2: torch.Tensor, h: torch.Tensor, tol: float, max_iter: int) -
         wk = w2[rows][:, cols]
         inside += int((hm[rows][:, cols] | wm[rows][:, cols]).sum())
         sh, sw = float(hk.max()), float(wk.max())
-        f, x, y, it, res, ok = _solve_core(hk / sh, wk / sw, tol, max_iter)
+        if len(rows) == 1 and len(cols) == 1:   # one entry (e.g. a depthwise conv): min a b + 1/(a b) = 2
+            f, x, y, it, res, ok = 2.0, torch.zeros(1, dtype=_DT), torch.zeros(1, dtype=_DT), 0, 0.0, True
+        else:
+            f, x, y, it, res, ok = _solve_core(hk / sh, wk / sw, tol, max_iter)
         value += math.sqrt(sh * sw) * f
         shift = 0.25 * (math.log(sw) - math.log(sh))  # undo the normalisation of h and w2
         sigma_row[rows] = torch.exp(0.5 * (x + shift))

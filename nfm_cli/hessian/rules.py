@@ -1,0 +1,215 @@
+"""Per-layer rules of the exact Hessian diagonal (``exact.py``), keyed by the EXACT layer class.
+
+A rule turns a layer's input a and the back-propagated output gradients g_k of the K-1 scaled
+eigenvectors of the logit Hessian into sum_b sum_k s_bk (per-sample gradient of the weight)^2:
+
+* Linear:    sum_b sum_k s_bk g_bk^2 a_b^2  =  (sum_k s_k g_k^2)^T @ a^2 -- one matrix product per batch.
+* Conv:      per-sample gradients g_bk @ unfold(a_b)^T in bounded chunks of samples, squared, summed;
+             with ``groups`` the weight row i only sees the input channels of its group (Sec. 5.3 layout
+             in ``variance.to_matrix``).
+* BatchNorm: per-sample gradients of weight and bias from g_bk and the normalised input, squared (eval mode).
+
+With a single direction per sample (the loss gradient, sign +1) the same rules give the per-sample
+squared gradients of the Fisher-Rao norm (eq. 25, ``fisher_rao.py``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory.
+CHUNK_ELEMENTS = 1 << 24
+# Elements of unfolded conv inputs kept per batch across the K-1 directions (2^27 float32 = 512 MiB);
+# a layer that does not fit unfolds its input again for every direction (slower; equal up to rounding).
+CACHE_ELEMENTS = 1 << 27
+
+
+class LayerRule:
+    """Turns a layer's input and the K-1 back-propagated output gradients into its diagonal.
+
+    Constructed once per batch with the layer's (detached) input, ``add`` is called once per
+    direction k with the output gradient g_k [B, ...] and the signs s_k [B] of the eigenvalues,
+    ``result`` returns {parameter name (local): sum over the batch of the diagonal}.
+    """
+
+    def __init__(self, module: nn.Module, layer_input: torch.Tensor, budget: CacheBudget | None = None):
+        self.module = module
+        self.input = layer_input
+
+    def add(self, grad: torch.Tensor, sign: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _signed_square_sum(per_sample: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """sum_b sign_b * per_sample_b^2 over the leading (sample) dimension."""
+    squared = per_sample * per_sample
+    return torch.tensordot(sign, squared, dims=([0], [0]))
+
+
+class CacheBudget:
+    """Elements that rules may keep across the K-1 directions of one batch (e.g. unfolded conv inputs)."""
+
+    def __init__(self, elements: int):
+        self.left = elements
+
+    def take(self, elements: int) -> bool:
+        if elements > self.left:
+            return False
+        self.left -= elements
+        return True
+
+
+def _chunks(n: int, per_sample_elements: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample_elements))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+class LinearRule(LayerRule):
+    """nn.Linear, y = a W^T + b. 2-D input: one matrix product; more dims (shared weight): per sample."""
+
+    def __init__(self, module: nn.Linear, layer_input: torch.Tensor, budget: CacheBudget | None = None):
+        super().__init__(module, layer_input)
+        self.flat = layer_input.ndim == 2
+        self.grad_square = None  # flat input: sum_k s_k g_k^2, [B, out]
+        self.weight_diag = None if self.flat else torch.zeros_like(module.weight)
+        self.bias_diag = None if self.flat or module.bias is None else torch.zeros_like(module.bias)
+
+    def add(self, grad, sign):
+        if self.flat:
+            term = grad * grad * sign[:, None]
+            self.grad_square = term if self.grad_square is None else self.grad_square.add_(term)
+            return
+        a = self.input.flatten(1, -2)                       # [B, T, in]
+        g = grad.flatten(1, -2)                             # [B, T, out]
+        for part in _chunks(a.shape[0], a[0].numel() + g[0].numel() + a.shape[-1] * g.shape[-1]):
+            per_sample = torch.einsum("bto,bti->boi", g[part], a[part])
+            self.weight_diag += _signed_square_sum(per_sample, sign[part])
+            if self.bias_diag is not None:
+                self.bias_diag += _signed_square_sum(g[part].sum(1), sign[part])
+
+    def result(self):
+        if not self.flat:
+            out = {"weight": self.weight_diag}
+            if self.bias_diag is not None:
+                out["bias"] = self.bias_diag
+            return out
+        if self.grad_square is None:
+            return {}
+        out = {"weight": self.grad_square.T @ (self.input * self.input)}
+        if self.module.bias is not None:
+            out["bias"] = self.grad_square.sum(0)
+        return out
+
+
+class ConvRule(LayerRule):
+    """nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups, padding mode)."""
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, layer_input: torch.Tensor, budget: CacheBudget):
+        self.budget = budget
+        self.cached = None
+        if isinstance(module, nn.Conv1d):                   # treat as a 2-D conv of height 1
+            layer_input = layer_input.unsqueeze(-2)
+        padding = module.padding
+        if isinstance(padding, str) or module.padding_mode != "zeros":
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            pads = module._reversed_padding_repeated_twice
+            if isinstance(module, nn.Conv1d):
+                pads = list(pads) + [0, 0]
+            layer_input = F.pad(layer_input, pads, mode=mode)
+            padding = 0
+        elif isinstance(module, nn.Conv1d):
+            padding = (0, padding[0])
+        super().__init__(module, layer_input)
+        two_d = (lambda v: (1, v[0])) if isinstance(module, nn.Conv1d) else (lambda v: tuple(v))
+        self.unfold_args = dict(kernel_size=two_d(module.kernel_size), dilation=two_d(module.dilation),
+                                padding=padding, stride=two_d(module.stride))
+        groups, out_ch = module.groups, module.out_channels
+        self.groups = groups
+        weight = module.weight
+        self.weight_diag = torch.zeros(groups, out_ch // groups, weight[0].numel(),
+                                       dtype=weight.dtype, device=weight.device)
+        self.bias_diag = torch.zeros_like(module.bias) if module.bias is not None else None
+
+    def _columns(self, part: slice) -> torch.Tensor:
+        cols = F.unfold(self.input[part], **self.unfold_args)                              # [c, G*i*k, L]
+        return cols.reshape(cols.shape[0], self.groups, -1, cols.shape[-1])                # [c, G, i*k, L]
+
+    def add(self, grad, sign):
+        b = grad.shape[0]
+        g = grad.reshape(b, self.groups, self.module.out_channels // self.groups, -1)   # [B, G, o, L]
+        kernel = self.weight_diag.shape[-1]                 # (in / groups) * kernel positions
+        cols_elements = self.groups * kernel * g.shape[-1]
+        if self.cached is None and self.budget.take(b * cols_elements):
+            self.cached = self._columns(slice(0, b))    # unfold once per batch, reuse for all K-1 directions
+        per_sample_elements = self.module.out_channels * kernel + g[0].numel()
+        if self.cached is None:
+            per_sample_elements += cols_elements
+        for part in _chunks(b, per_sample_elements):
+            cols = self.cached[part] if self.cached is not None else self._columns(part)
+            per_sample = torch.einsum("cgol,cgil->cgoi", g[part], cols)
+            self.weight_diag += _signed_square_sum(per_sample, sign[part])
+            if self.bias_diag is not None:
+                self.bias_diag += _signed_square_sum(g[part].sum(-1).flatten(1), sign[part])
+
+    def result(self):
+        out = {"weight": self.weight_diag.reshape(self.module.weight.shape)}
+        if self.bias_diag is not None:
+            out["bias"] = self.bias_diag
+        return out
+
+
+class BatchNormRule(LayerRule):
+    """nn.BatchNorm1d / 2d in eval mode: y = w * (x - mean) / sqrt(var + eps) + b, linear in w and b."""
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, layer_input: torch.Tensor,
+                 budget: CacheBudget | None = None):
+        super().__init__(module, layer_input)
+        shape = (1, -1) + (1,) * (layer_input.ndim - 2)
+        self.normalized = ((layer_input - module.running_mean.reshape(shape))
+                           / torch.sqrt(module.running_var.reshape(shape) + module.eps))
+        self.weight_diag = torch.zeros_like(module.weight) if module.weight is not None else None
+        self.bias_diag = torch.zeros_like(module.bias) if module.bias is not None else None
+
+    def add(self, grad, sign):
+        spatial = tuple(range(2, grad.ndim))
+        if self.weight_diag is not None:
+            per_sample = (grad * self.normalized).sum(spatial) if spatial else grad * self.normalized
+            self.weight_diag += _signed_square_sum(per_sample, sign)
+        if self.bias_diag is not None:
+            per_sample = grad.sum(spatial) if spatial else grad
+            self.bias_diag += _signed_square_sum(per_sample, sign)
+
+    def result(self):
+        out = {}
+        if self.weight_diag is not None:
+            out["weight"] = self.weight_diag
+        if self.bias_diag is not None:
+            out["bias"] = self.bias_diag
+        return out
+
+
+# Layer class -> rule, looked up by EXACT class: a subclass may override ``forward`` (e.g. square the
+# output) and then the rule would be silently wrong, so subclasses are refused (``support.py``).
+RULES: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], LayerRule]] = {
+    nn.Linear: LinearRule,
+    nn.Conv1d: ConvRule,
+    nn.Conv2d: ConvRule,
+    nn.BatchNorm1d: BatchNormRule,
+    nn.BatchNorm2d: BatchNormRule,
+}
+
+
+def rule_for(module: nn.Module) -> Callable[..., LayerRule] | None:
+    """The rule of ``module``'s exact class, or None (subclasses get none)."""
+    return RULES.get(type(module))
+
+
+__all__ = ["RULES", "LayerRule", "CacheBudget", "LinearRule", "ConvRule", "BatchNormRule", "rule_for",
+           "CHUNK_ELEMENTS", "CACHE_ELEMENTS"]
