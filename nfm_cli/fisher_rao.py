@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 from nfm_cli.checkpoint import Checkpoint
 from nfm_cli.data import subset_indices
 from nfm_cli.errors import NfmError
+from nfm_cli.hessian.driver import auto_batch_size
 from nfm_cli.hessian.exact import layer_square_sums, parameterised_layers
 from nfm_cli.losses import per_sample_loss
 from nfm_cli.progress import ProgressFn, report
@@ -35,7 +36,7 @@ from nfm_cli.progress import ProgressFn, report
 FISHER_RAO_LOSS = "ce"
 METHODS = ("auto", "rules", "vmap")
 VMAP_BATCH = 64       # per-sample gradients of the whole model live at once: keep chunks small
-RULES_BATCH = 256     # one forward + one backward per batch
+RULES_BATCH = 256     # at most; one forward + one backward per batch (memory as the exact estimator)
 
 
 def loss_gradient_direction(logits: torch.Tensor, y: torch.Tensor, loss: str
@@ -97,7 +98,9 @@ def squared_gradient_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo
             if method == "rules":
                 raise
     if layers is not None:
-        return _rules_sums(model, x, y, loss, layers, batch_size or RULES_BATCH, progress)
+        if batch_size is None:            # as hessian-diag's exact estimator (whose memory it needs), at most 256
+            batch_size = min(RULES_BATCH, auto_batch_size(model, x[:1], "exact", len(y), x.device))
+        return _rules_sums(model, x, y, loss, layers, batch_size, progress)
     return _vmap_sums(model, x, y, loss, batch_size or VMAP_BATCH, progress)
 
 
