@@ -159,3 +159,21 @@ def test_out_of_memory_with_one_sample_is_one_line(tiny_checkpoint, tmp_path, mo
     monkeypatch.setattr(estimators, "exact_diagonal_batch", never)
     with pytest.raises(NfmError, match="out of memory on cpu with a single sample per batch"):
         compute_hessian_diagonal(tiny_checkpoint, tmp_path / "h.safetensors", batch_size=4, device="cpu")
+
+
+def test_the_out_of_memory_note_reaches_stderr(cli, tiny_checkpoint, tmp_path, monkeypatch):
+    """Through the CLI's progress renderer: one line, and the run still succeeds."""
+    rule, raised = estimators.exact_diagonal_batch, []
+
+    def once(model, x, *args):
+        if len(x) > 64 and not raised:
+            raised.append(len(x))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return rule(model, x, *args)
+
+    monkeypatch.setattr(estimators, "exact_diagonal_batch", once)
+    res = cli("hessian-diag", tiny_checkpoint, "--out", tmp_path / "h.safetensors", "--batch-size", "128",
+              "--device", "cpu")
+    assert res.code == 0 and raised == [128], res.err
+    notes = [line for line in res.err.splitlines() if "out of memory" in line]
+    assert len(notes) == 1 and "with 128 samples per batch; continuing with 64" in notes[0], res.err
