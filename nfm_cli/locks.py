@@ -72,6 +72,7 @@ def lock_path(out: str | os.PathLike) -> Path:
 
 
 def hostname() -> str:
+    """This machine's name, as lock files record it."""
     return socket.gethostname() or "localhost"
 
 
