@@ -176,6 +176,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.integration
 def test_sigterm_to_a_sharded_run_saves_the_round_and_resumes(ckpt, single_and_dist, tmp_path):
     """SIGTERM to both workers (as SLURM sends it to every task) while rank 0 waits after round 1
     (units 0-1): the ranks agree at the end of round 2, save 4 of 8 units, exit 143; a torchrun

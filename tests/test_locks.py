@@ -223,6 +223,7 @@ def _freeze_holder(procs: list[subprocess.Popen], out: Path) -> tuple[subprocess
     raise AssertionError("no process took the lock")
 
 
+@pytest.mark.integration
 def test_two_trains_on_one_out(tmp_path, reference):
     out = tmp_path / "run.safetensors"
     procs = _start_pair(["train", *TRAIN_ARGS, "--out", str(out)])
@@ -246,6 +247,7 @@ def test_two_trains_on_one_out(tmp_path, reference):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.integration
 def test_two_measures_on_one_out_with_wait(tmp_path, reference):
     out = tmp_path / "run.measures.safetensors"
     procs = _start_pair(["measure", str(reference["ckpt"]), "--out", str(out), "--estimator", "exact",

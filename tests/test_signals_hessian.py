@@ -122,6 +122,7 @@ def references(tiny_checkpoint, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("estimator", list(HDIAG))
 def test_sigterm_saves_and_the_rerun_continues_bit_identically(tiny_checkpoint, tmp_path, references, estimator):
     out = tmp_path / "h.safetensors"
@@ -141,6 +142,7 @@ def test_sigterm_saves_and_the_rerun_continues_bit_identically(tiny_checkpoint, 
     assert_same_artifact(out, references[estimator])
 
 
+@pytest.mark.integration
 def test_sigint_during_measure_saves_and_the_rerun_finishes(tiny_checkpoint, tmp_path, references):
     """Ctrl-C in the second Hessian (ce) of a measure: the first is complete, the second saved."""
     out = tmp_path / "run.measures.safetensors"
