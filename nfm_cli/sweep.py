@@ -179,10 +179,14 @@ def describe(run: Run) -> dict[str, Any]:
 
 def run_one(run: Run, *, rivals: bool = False, device: str = "auto", progress: ProgressFn = None) -> Path:
     """Train (or resume, or skip) and measure one run in this process; returns the measures file."""
+    from nfm_cli.locks import output_lock
     from nfm_cli.pipeline import measure_checkpoint
     from nfm_cli.training import train
-    train(run.config, run.checkpoint, device=device, progress=progress)
-    measure_checkpoint(run.checkpoint, run.measures, device=device, rivals=rivals, progress=progress)
+    # the same one-writer locks as nfm train / nfm measure: a requeued task meeting a run being written refuses
+    with output_lock(run.checkpoint, progress=progress, command="nfm sweep"):
+        train(run.config, run.checkpoint, device=device, progress=progress)
+    with output_lock(run.measures, progress=progress, command="nfm sweep"):
+        measure_checkpoint(run.checkpoint, run.measures, device=device, rivals=rivals, progress=progress)
     return run.measures
 
 

@@ -274,3 +274,12 @@ def test_two_measures_on_one_out_with_wait(tmp_path, reference):
         name = f"run.measures.hdiag-{loss}.safetensors"
         _assert_same(tmp_path / name, reference["measures"].parent / name)
     assert _leftovers(tmp_path) == []
+
+
+def test_an_in_process_sweep_run_takes_the_same_locks(tmp_path):
+    from nfm_cli.sweep import expand, parse_grid_args, run_one
+    run = expand(parse_grid_args(["width=16", "dataset=synthetic", "epochs=1"]), [0], tmp_path)[0]
+    with output_lock(run.checkpoint, command="nfm train"):
+        with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+            run_one(run, device="cpu")
+    assert not run.checkpoint.exists() and _leftovers(tmp_path) == []
