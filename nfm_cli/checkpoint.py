@@ -88,6 +88,11 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def model_names() -> list[str]:
+    """The names of the registered models (``--model`` choices)."""
+    return models.names()
+
+
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     try:
         return models.build(spec["name"], **spec["args"])

@@ -32,7 +32,6 @@ from nfm_cli.progress import ProgressFn, report
 from nfm_cli.variance import LayerSolution, matrix_normalized_layer, solve_layer, to_matrix
 
 WEIGHT_MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-METRIC_KEYS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
 
 
 def weight_matrices(model: nn.Module) -> dict[str, nn.Module]:
@@ -61,7 +60,7 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
     """All Hessian-based measures of ``model`` from ``hdiag`` (normalized-ce diagonal, raw) and
     ``trace_hdiag`` (the diagonal whose trace is reported; defaults to ``hdiag``)."""
     if not (tol > 0) or max_iter < 1:
-        raise NfmError(f"--tol must be positive and --max-iter at least 1 (got {tol}, {max_iter})")
+        raise NfmError(f"tol must be positive and max_iter at least 1 (got {tol}, {max_iter})")
     trace_hdiag = hdiag if trace_hdiag is None else trace_hdiag
     params = dict(model.named_parameters())
     matrices = weight_matrices(model)

@@ -28,11 +28,11 @@ from nfm_cli.checkpoint import Checkpoint, load_checkpoint
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
-from nfm_cli.hessian import compute_hessian_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import FD_SCALE, compute_hessian_diagonal, load_hessian_diagonal
+from nfm_cli.measure_registry import RUN_METRICS
 from nfm_cli.measures import compute_measures
 from nfm_cli.progress import ProgressFn
 
-RESULT_METRICS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
 RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "epochs", "width", "depth", "lr", "batch_size",
                  "optimizer", "momentum", "weight_decay", "stop_at_loss")
 
@@ -47,7 +47,7 @@ class MeasureResult:
 
 def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
     """The run's metrics and identity, copied into measures files so ``report`` needs nothing else."""
-    metrics = {k: ck.metrics.get(k) for k in RESULT_METRICS}
+    metrics = {k: ck.metrics.get(k) for k in RUN_METRICS}
     metrics.update({k: ck.config.get(k) for k in RESULT_CONFIG})
     metrics["checkpoint"] = str(ck.path)
     return metrics
@@ -102,16 +102,19 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                        estimator: str = "exact", samples: int | None = None, probes: int = 100,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
                        precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
-                       force: bool = False, progress: ProgressFn = None) -> MeasureResult:
+                       force: bool = False, finite_diff_scale: float = FD_SCALE,
+                       data_dir: str | os.PathLike | None = None, progress: ProgressFn = None) -> MeasureResult:
     """Hessian diagonals (normalized-ce and ce), Fisher-Rao norm and the solve, resumably.
 
-    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons)."""
+    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons);
+    ``data_dir`` is where the dataset is, if not where the checkpoint was trained."""
     if precision not in PRECISIONS:
-        raise NfmError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise NfmError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     out = Path(out) if out is not None else default_measures_path(checkpoint)
-    ck = load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+    ck = load_checkpoint(checkpoint, data_dir, dtype=PRECISIONS[precision])
     options = {"estimator": estimator, "samples": samples, "probes": probes if estimator != "exact" else None,
-               "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision}
+               "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision,
+               "finite_diff_scale": finite_diff_scale if estimator == "finite-diff" else None}
     if out.exists() and not force:
         art = read_artifact(out, ("measures", "checkpoint", "hessian-diag"))
         if art.kind != "measures":
@@ -127,7 +130,7 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
     for loss, path in paths.items():
         compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
                                  samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
-                                 force=force, progress=progress)
+                                 force=force, finite_diff_scale=finite_diff_scale, progress=progress)
     # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm and the solve
     # (cheap next to them) run on rank 0 alone while the others wait, then every rank returns the result.
     ctx, rank_dev = distributed.setup(dev)

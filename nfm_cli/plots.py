@@ -24,6 +24,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from nfm_cli.errors import NfmError  # noqa: E402
+from nfm_cli.measure_registry import title  # noqa: E402
 from nfm_cli.progress import ProgressFn, report  # noqa: E402
 from nfm_cli.artifacts import atomic_write  # noqa: E402
 from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, column, correlations,  # noqa: E402
@@ -35,17 +36,6 @@ FIGURE1_INCHES = (10.0, 4.0)
 SCATTER_PX = (500, 400)  # (width, height) of each per-measure PNG
 FIGURE1_PX = (1000, 400)  # (width, height) of figure1.png
 
-TITLES = {
-    "normalized_sharpness": "normalized sharpness",
-    "matrix_normalized_sharpness": "matrix-normalized sharpness",
-    "hessian_trace": "trace of the Hessian",
-    "hessian_trace_weights": "trace of the Hessian (weight matrices)",
-    "fisher_rao_norm": "Fisher-Rao norm",
-    "frobenius_norm_sq": "squared Frobenius norm",
-    "spectral_norm_product": "product of spectral norms",
-    "log_spectral_norm_product": "log product of spectral norms",
-}
-Y_LABELS = {"gap": "generalization gap (train acc - test acc)"}
 
 
 def _fmt(value: float) -> str:
@@ -53,7 +43,7 @@ def _fmt(value: float) -> str:
 
 
 def _title(measure: str, corr: dict[str, Any]) -> str:
-    return (f"{TITLES.get(measure, measure)}\n"
+    return (f"{title(measure)}\n"
             f"Pearson r={_fmt(corr['pearson_r'])}, Spearman \u03c1={_fmt(corr['spearman_rho'])} (n={corr['n']})")
 
 
@@ -81,8 +71,8 @@ def _draw(fig: Figure, ax: Any, runs: Sequence[dict], measure: str, y: str, grou
     if not ok:
         ax.text(0.5, 0.5, "no runs with finite values", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlim(-0.05, 1.05)
-    ax.set_xlabel(f"{TITLES.get(measure, measure)} (rescaled to [0, 1])" + group_label, fontsize=8)
-    ax.set_ylabel(Y_LABELS.get(y, y), fontsize=8)
+    ax.set_xlabel(f"{title(measure)} (rescaled to [0, 1])" + group_label, fontsize=8)
+    ax.set_ylabel(title(y), fontsize=8)
     ax.set_title(_title(measure, corr), fontsize=9)
     ax.tick_params(labelsize=7)
     ax.grid(True, linewidth=0.3, alpha=0.5)

@@ -113,22 +113,22 @@ def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
                   random_range: tuple[float, float] | None = None, seed: int = 0, pair: int = 0) -> list[str]:
     """Apply the ``mode`` reparametrization in place; returns the names of the layers touched."""
     if mode not in MODES:
-        raise NfmError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
+        raise NfmError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if (alpha is None) == (random_range is None):
-        raise NfmError("give exactly one of --alpha A or --random-range LO HI")
+        raise NfmError("give exactly one of alpha (a factor) or random_range (LO, HI)")
     if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
-        raise NfmError(f"--alpha must be a positive number, not {alpha}")
+        raise NfmError(f"alpha must be a positive number, not {alpha}")
     if random_range is not None:
         lo, hi = random_range
         if not (0 < lo <= hi and math.isfinite(hi)):
-            raise NfmError(f"--random-range needs 0 < LO <= HI, not {lo} {hi}")
+            raise NfmError(f"random_range needs 0 < LO <= HI, not {lo} {hi}")
     modules = dict(model.named_modules())
     gen = keyed_generator(seed, "rescale", mode)
     touched: list[str] = []
     if mode == "bn":
         pairs = conv_bn_pairs(model)
         if not pairs:
-            raise NfmError("the model has no convolution feeding a BatchNorm; use --mode layer or neuron")
+            raise NfmError("the model has no convolution feeding a BatchNorm; use mode layer or neuron")
         for conv_name, bn_name in pairs:
             conv, bn = modules[conv_name], modules[bn_name]
             a = _factors(conv.out_channels, alpha, random_range, gen)
@@ -143,10 +143,10 @@ def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
         return touched
     pairs = weight_pairs(model)
     if not pairs:
-        raise NfmError("the model has no two weight layers joined by ReLU/pooling; try --mode bn")
+        raise NfmError("the model has no two weight layers joined by ReLU/pooling; try mode bn")
     if mode == "layer":
         if not 0 <= pair < len(pairs):
-            raise NfmError(f"--pair must be in [0, {len(pairs) - 1}] for this model, not {pair}")
+            raise NfmError(f"pair must be in [0, {len(pairs) - 1}] for this model, not {pair}")
         chosen = pairs[pair]
         first, second = modules[chosen.first], modules[chosen.second]
         a = float(_factors(1, alpha, random_range, gen)[0])
@@ -188,7 +188,7 @@ def rescale_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mo
     """Write a rescaled copy of ``checkpoint`` to ``out`` after checking the function is unchanged."""
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
-        raise NfmError("--out must differ from the input checkpoint (rescale never overwrites it)", out)
+        raise NfmError("the output must differ from the input checkpoint (rescale never overwrites it)", out)
     # rescale in float64 and round once when saving: every stored value is the correctly rounded
     # rescaled value (rescaling in float32 compounds roundings the measures can pick up)
     ck: Checkpoint = load_checkpoint(checkpoint, data_dir=data_dir, dtype=torch.float64)

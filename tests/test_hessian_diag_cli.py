@@ -143,8 +143,8 @@ def test_bad_outputs_and_inputs_are_refused(tiny_checkpoint, tmp_path):
         compute_hessian_diagonal(tiny_checkpoint, junk, device="cpu")
     for kwargs, message in (({"samples": 10_000}, "more than the 128 training samples"),
                             ({"samples": 0}, "at least 1"), ({"estimator": "lanczos"}, "unknown estimator"),
-                            ({"estimator": "hutchinson", "probes": 0}, "--probes must be at least 1"),
-                            ({"batch_size": 0}, "--batch-size")):
+                            ({"estimator": "hutchinson", "probes": 0}, "probes must be at least 1"),
+                            ({"batch_size": 0}, "batch_size must be at least 1")):
         with pytest.raises(NfmError, match=message):
             compute_hessian_diagonal(tiny_checkpoint, tmp_path / "y.safetensors", device="cpu", **kwargs)
 
@@ -175,8 +175,8 @@ def test_cli_writes_the_path_and_fails_in_one_line(tiny_checkpoint, tmp_path, cl
     again = cli("hessian-diag", tiny_checkpoint, "--out", out, "--estimator", "hutchinson", "--probes", "2", "-q")
     assert again.code == 0 and "already complete" in again.err
     bad = cli("hessian-diag", tiny_checkpoint, "--out", out, "--loss", "mse")
-    assert bad.code == 1 and bad.out == ""
-    assert bad.err.strip().count("\n") == 0 and "unknown loss 'mse'" in bad.err
+    assert bad.code == 2 and bad.out == ""       # a usage error, caught by the parser before any work
+    assert bad.err.strip().count("\n") == 0 and "'--loss': 'mse' is not one of 'normalized-ce', 'ce'" in bad.err
     missing = cli("hessian-diag", tmp_path / "nope.safetensors", "--out", tmp_path / "z.safetensors")
     assert missing.code == 1 and "no such file" in missing.err
 

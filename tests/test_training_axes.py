@@ -110,12 +110,12 @@ def test_checkpoint_from_before_the_axes_still_resumes(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(optimizer="rmsprop"), "unknown optimizer 'rmsprop'; valid optimizers: adam, sgd"),
-    (dict(momentum=0.9), "--momentum applies to --optimizer sgd only"),
-    (dict(optimizer="sgd", momentum=1.0), "--momentum must be below 1"),
-    (dict(optimizer="sgd", momentum=-0.1), "--momentum must be a non-negative number"),
-    (dict(weight_decay=-1e-4), "--weight-decay must be a non-negative number"),
-    (dict(weight_decay=math.nan), "--weight-decay must be a non-negative number"),
-    (dict(stop_at_loss=-0.5), "--stop-at-loss must be a non-negative number"),
+    (dict(momentum=0.9), "momentum applies to optimizer sgd only"),
+    (dict(optimizer="sgd", momentum=1.0), "momentum must be below 1"),
+    (dict(optimizer="sgd", momentum=-0.1), "momentum must be a non-negative number"),
+    (dict(weight_decay=-1e-4), "weight_decay must be a non-negative number"),
+    (dict(weight_decay=math.nan), "weight_decay must be a non-negative number"),
+    (dict(stop_at_loss=-0.5), "stop_at_loss must be a non-negative number"),
 ])
 def test_impossible_axes(tmp_path, overrides, match):
     with pytest.raises(NfmError, match=match):

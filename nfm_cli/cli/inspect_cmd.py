@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from nfm_cli.artifacts import describe_artifact
-from nfm_cli.cli import app
+from nfm_cli.cli import STEPS, app
+from nfm_cli.cli.options import Json, flag
 from nfm_cli.cli.render import console, print_json
 
 
-@app.command("inspect")
+@app.command("inspect", rich_help_panel=STEPS)
 def inspect_command(
-    file: Path = typer.Argument(..., help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
-    all_tensors: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40)."),
+    file: Path = typer.Argument(..., metavar="FILE", help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
+    as_json: Json = False,
+    all_tensors: Annotated[bool, flag("--all", help="List every tensor (default: the first 40).")] = False,
 ) -> None:
     """Show an artifact's kind, config, progress, metrics and tensors."""
     info = describe_artifact(file)

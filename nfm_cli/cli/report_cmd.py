@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nfm_cli.cli import app
+from nfm_cli.cli import WORKFLOW, app
+from nfm_cli.cli.options import Json, Quiet
 from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.report import DEFAULT_GROUP_BY, DEFAULT_MEASURES, check_names, correlation_table, load_runs, write_csv
 
@@ -27,9 +28,9 @@ def _split(values: Optional[list[str]]) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part.strip()]
 
 
-@app.command("report")
+@app.command("report", rich_help_panel=WORKFLOW)
 def report_command(
-    files: list[Path] = typer.Argument(..., help="Measures files (from `nfm measure` / `nfm solve-variance`); "
+    files: list[Path] = typer.Argument(..., metavar="FILES...", help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
     x: Optional[list[str]] = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
                                           f"Default: {','.join(DEFAULT_MEASURES)}."),
@@ -38,14 +39,16 @@ def report_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
                                         "figure1.png) into this folder (created if missing)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+    as_json: Json = False,
     group_by: str = typer.Option(",".join(DEFAULT_GROUP_BY), "--group-by",
                                  help="Comma-separated run fields to split groups by (model, dataset, seed, "
                                  "train_size, epochs), or 'none' for one group."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
-    """Correlate each flatness measure with the generalization gap over many runs (Pearson r,
-    Spearman rho, Kendall tau per group), optionally with scatter plots like the paper's Figures 1, 3, 4."""
+    """Correlate each flatness measure with the generalization gap over many runs.
+
+    Pearson r, Spearman rho and Kendall tau per group, optionally with scatter plots like the paper's
+    Figures 1, 3 and 4."""
     y = y.strip().replace("-", "_")
     measures = check_names(_split(x) or list(DEFAULT_MEASURES), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")

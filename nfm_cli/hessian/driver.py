@@ -116,15 +116,15 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     _check_choice(loss, LOSS_NAMES, "loss")
     _check_choice(estimator, ESTIMATORS, "estimator")
     if batch_size is not None and int(batch_size) < 1:
-        raise NfmError(f"--batch-size must be at least 1, not {batch_size}")
+        raise NfmError(f"batch_size must be at least 1, not {batch_size}")
     if estimator == "exact":
         probes = None           # exact has no probes: the option is ignored
     else:
         probes = DEFAULT_PROBES if probes is None else int(probes)
         if probes < 1:
-            raise NfmError(f"--probes must be at least 1, not {probes}")
+            raise NfmError(f"probes must be at least 1, not {probes}")
     if estimator == "finite-diff" and not (finite_diff_scale > 0 and math.isfinite(finite_diff_scale)):
-        raise NfmError(f"--finite-diff-scale must be a positive number, not {finite_diff_scale}")
+        raise NfmError(f"finite_diff_scale must be a positive number, not {finite_diff_scale}")
     out = Path(out)
     if out.is_dir():
         raise NfmError("output path is a directory; give a file name such as hdiag.safetensors", out)
@@ -134,7 +134,7 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     ck = _load_checkpoint(checkpoint, data_dir)
     ck_path = Path(getattr(ck, "path", "") or "")
     if str(ck_path) and out.exists() and ck_path.exists() and os.path.samefile(out, ck_path):
-        raise NfmError("--out is the checkpoint itself; choose another output file", out)
+        raise NfmError("the output is the checkpoint itself; choose another output file", out)
     if not ck.complete:
         done = (getattr(ck, "progress", {}) or {}).get("epochs_done", "?")
         total = (getattr(ck, "config", {}) or {}).get("epochs", "?")
@@ -154,9 +154,9 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     if samples is not None:
         samples = int(samples)
         if samples < 1:
-            raise NfmError(f"--samples must be at least 1, not {samples}")
+            raise NfmError(f"samples must be at least 1, not {samples}")
         if samples > n_total:
-            raise NfmError(f"--samples {samples} is more than the {n_total} training samples of the checkpoint; "
+            raise NfmError(f"samples={samples} is more than the {n_total} training samples of the checkpoint; "
                            "leave it out to use all of them")
     use = n_total if samples is None else samples
     if batch_size is None:          # a partial run keeps its batch size, whatever memory is free now
