@@ -152,7 +152,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
     """
     config.validate()
     if not save_every >= 0:
-        raise NfmError(f"--save-every must be a number of seconds >= 0, not {save_every}")
+        raise NfmError(f"save_every must be a number of seconds >= 0, not {save_every}")
     out = Path(out)
     if out.is_dir():
         raise NfmError("output path is a directory; give a file name such as run.safetensors", out)
