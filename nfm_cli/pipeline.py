@@ -28,7 +28,7 @@ from nfm_cli.checkpoint import Checkpoint, load_checkpoint
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
-from nfm_cli.hessian import FD_SCALE, compute_hessian_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import FD_SCALE, SAVE_EVERY_SECONDS, compute_hessian_diagonal, load_hessian_diagonal
 from nfm_cli.measure_registry import RUN_METRICS
 from nfm_cli.measures import compute_measures
 from nfm_cli.progress import ProgressFn
@@ -103,7 +103,8 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
                        precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
                        force: bool = False, finite_diff_scale: float = FD_SCALE,
-                       data_dir: str | os.PathLike | None = None, progress: ProgressFn = None) -> MeasureResult:
+                       data_dir: str | os.PathLike | None = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
+                       progress: ProgressFn = None) -> MeasureResult:
     """Hessian diagonals (normalized-ce and ce), Fisher-Rao norm and the solve, resumably.
 
     ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons);
@@ -130,7 +131,8 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
     for loss, path in paths.items():
         compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
                                  samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
-                                 force=force, finite_diff_scale=finite_diff_scale, progress=progress)
+                                 force=force, finite_diff_scale=finite_diff_scale, progress=progress,
+                                 save_every_seconds=save_every_seconds)
     # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm and the solve
     # (cheap next to them) run on rank 0 alone while the others wait, then every rank returns the result.
     ctx, rank_dev = distributed.setup(dev)

@@ -29,6 +29,7 @@ def test_bare_nfm_prints_the_help_in_workflow_order(cli):
 
 def _commands():
     import typer
+
     from nfm_cli.cli import app
     return typer.main.get_command(app).commands
 
@@ -114,8 +115,8 @@ def test_inspect_truncated_and_foreign_files(cli, tmp_path, tiny_checkpoint):
         res = cli("inspect", path)
         assert res.code == 1 and str(path) in res.err and "not a valid safetensors" in res.err
         assert len(res.err.strip().splitlines()) == 1
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, foreign)
     res = cli("inspect", foreign)
@@ -140,7 +141,9 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_artifacts_get_normal_file_permissions(tmp_path):
     import os
+
     import torch
+
     from nfm_cli.artifacts import write_artifact
     out = tmp_path / "a.safetensors"
     write_artifact(out, {"x": torch.zeros(1)}, "measures", {})

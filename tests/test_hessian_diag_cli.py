@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import models
-
-from conftest import sha256_of, tiny_config
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.checkpoint import load_checkpoint
 from nfm_cli.errors import NfmError
 from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, load_hessian_diagonal
 from nfm_cli.training import train
+from tests.conftest import sha256_of, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,13 +30,6 @@ def interrupt_after(units):
         if len(seen) > units:
             raise Interrupt
     return callback
-
-
-@pytest.fixture(scope="module")
-def other_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt2") / "other.safetensors"
-    train(tiny_config(seed=1), out, device="cpu")
-    return out
 
 
 def test_exact_artifact_layout(tiny_checkpoint, tmp_path):

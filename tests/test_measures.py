@@ -11,7 +11,7 @@ from nfm_cli.fisher_rao import fisher_rao_norm
 from nfm_cli.hessian.exact import exact_diagonal
 from nfm_cli.measures import compute_measures, weight_matrices
 from nfm_cli.rescale import rescale_model
-from nfm_cli.variance import matrix_normalized_layer, solve_layer, to_matrix
+from nfm_cli.variance import solve_layer, to_matrix
 
 
 def _data(shape, n=48, k=10, seed=0):
@@ -36,7 +36,7 @@ def _all_measures(model, x, y):
     return compute_measures(model, nce, ce).summary, fisher_rao_norm(model, x, y)
 
 
-def test_layer_values_come_from_the_solver(tiny_checkpoint):
+def test_layer_values_come_from_the_solver():
     model = _model("mlp", width=8, image_size=8)
     x, y = _data((1, 8, 8))
     h = exact_diagonal(model, x, y, "normalized-ce")
@@ -67,8 +67,7 @@ def test_layer_values_come_from_the_solver(tiny_checkpoint):
 ])
 @pytest.mark.parametrize("factors", ["uniform", "per-unit"])
 def test_invariance_under_function_preserving_rescaling(name, cfg, shape, mode, factors):
-    """DESIGN property 2. Normalized sharpness (17) is unchanged by every function-preserving
-    rescaling, while the Hessian trace changes. Matrix-normalized sharpness (13) is unchanged when
+    """Normalized sharpness (17) is unchanged by every function-preserving rescaling, while the Hessian trace changes. Matrix-normalized sharpness (13) is unchanged when
     each matrix is scaled as a whole (one alpha), but NOT by per-unit factors: that is the paper's
     Sec. 5.1 argument for per-row/column variances, and the test checks it both ways."""
     model = _model(name, **cfg)
@@ -127,7 +126,6 @@ def test_fisher_rao_matches_per_sample_gradients():
     """Eq. (25) from per-sample gradients taken one sample at a time with autograd."""
     model = _model("lenet")
     x, y = _data((1, 28, 28), n=6)
-    total = torch.zeros(())
     params = list(model.parameters())
     squares = [torch.zeros_like(p) for p in params]
     for i in range(len(y)):

@@ -9,12 +9,12 @@ from tests.conftest import sha256_of, tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Tiny trained checkpoints: mlp, lenet, and a WRN-10-1 with BatchNorm, on synthetic data."""
+def trained(tiny_checkpoint, tmp_path_factory):
+    """Tiny trained checkpoints: the session's mlp (conftest.py), a lenet, and a WRN-10-1 with BatchNorm,
+    on synthetic data."""
     folder = tmp_path_factory.mktemp("runs")
-    runs = {}
+    runs = {"mlp": tiny_checkpoint}
     for name, overrides in {
-        "mlp": dict(model="mlp", width=16, epochs=3, train_size=96),
         "lenet": dict(model="lenet", width=None, epochs=2, train_size=64),
         "wrn": dict(model="wrn16-4", width=1, depth=10, epochs=1, train_size=48, batch_size=16),
     }.items():

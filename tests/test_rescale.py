@@ -1,6 +1,5 @@
 """nfm_cli.rescale: function-preserving reparametrizations (Dinh et al.; Sec. 5.1; BatchNorm)."""
 import copy
-import math
 
 import pytest
 import torch

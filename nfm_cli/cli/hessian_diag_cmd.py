@@ -7,9 +7,9 @@ import typer
 from nfm_cli.cli import STEPS, app
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import (DEFAULT_PROBES, FD_SCALE, BatchSize, CheckpointArg, DataDir, Device, Estimator, EstimatorOpt,
-                                 FiniteDiffScale, Force, Loss, Probes, Quiet, Samples, Seed)
+                                 FiniteDiffScale, Force, Loss, Probes, Quiet, Samples, SaveEvery, Seed)
 from nfm_cli.cli.render import console, progress_bar
-from nfm_cli.hessian import compute_hessian_diagonal
+from nfm_cli.hessian import SAVE_EVERY_SECONDS, compute_hessian_diagonal
 
 
 @app.command("hessian-diag", rich_help_panel=STEPS)
@@ -27,6 +27,7 @@ def hessian_diag_command(
     finite_diff_scale: FiniteDiffScale = FD_SCALE,
     device: Device = "auto",
     data_dir: DataDir = None,
+    save_every: SaveEvery = SAVE_EVERY_SECONDS,
     force: Force = False,
     quiet: Quiet = False,
     wait: bool = wait_option(),
@@ -35,14 +36,14 @@ def hessian_diag_command(
 
     Uses the checkpoint's training set exactly as trained (random labels included), model in eval mode.
 
-    Saves its progress every minute, and on Ctrl-C or SIGTERM (after the batch in progress; exit 130 /
-    143, also under torchrun); rerun the same command to continue. Prints the output path on stdout.
+    Saves its progress every minute (--save-every), and on Ctrl-C or SIGTERM (after the batch in progress;
+    exit 130 / 143, also under torchrun); rerun the same command to continue. Prints the output path on stdout.
     """
     with locked(out, wait, "nfm hessian-diag"), progress_bar(quiet) as progress:
         result = compute_hessian_diagonal(checkpoint, out, loss=loss.value, estimator=estimator.value,
                                           probes=probes, samples=samples, batch_size=batch_size, seed=seed,
                                           device=device, force=force, finite_diff_scale=finite_diff_scale,
-                                          progress=progress, data_dir=data_dir)
+                                          progress=progress, data_dir=data_dir, save_every_seconds=save_every)
     if result.status == "already complete":
         console.print(f"{out}: already complete; use --force to recompute")
     elif not quiet:

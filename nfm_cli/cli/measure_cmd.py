@@ -11,8 +11,9 @@ from nfm_cli.cli import WORKFLOW, app
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import (DEFAULT_PROBES, FD_SCALE, BatchSize, CheckpointArg, DataDir, Device, Estimator,
                                  EstimatorOpt, FiniteDiffScale, Force, Json, MaxIter, Precision, Probes, Quiet,
-                                 Samples, Seed, Tol)
+                                 Samples, SaveEvery, Seed, Tol)
 from nfm_cli.cli.render import console, print_json, progress_bar
+from nfm_cli.hessian import SAVE_EVERY_SECONDS
 from nfm_cli.measure_registry import SUMMARY_DIAGNOSTICS, summary_keys
 from nfm_cli.pipeline import default_measures_path, measure_checkpoint
 
@@ -79,6 +80,7 @@ def measure_command(
     tol: Tol = 1e-10,
     max_iter: MaxIter = 10_000,
     data_dir: DataDir = None,
+    save_every: SaveEvery = SAVE_EVERY_SECONDS,
     force: Force = False,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -94,7 +96,8 @@ def measure_command(
         result = measure_checkpoint(checkpoint, out, estimator=estimator.value, samples=samples, probes=probes,
                                     batch_size=batch_size, seed=seed, device=device, precision=precision.value,
                                     keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter, force=force,
-                                    finite_diff_scale=finite_diff_scale, data_dir=data_dir, progress=progress)
+                                    finite_diff_scale=finite_diff_scale, data_dir=data_dir,
+                                    save_every_seconds=save_every, progress=progress)
     if result.status == "already complete" and not as_json and not quiet:
         console.print(f"{result.path}: already complete; use --force to recompute")
     finish(result, as_json, quiet)

@@ -70,10 +70,14 @@ EstimatorOpt = Annotated[Estimator, typer.Option(
     "probes, exact Hessian-vector products) or finite-diff (the paper's Algorithm 1).")]
 Probes = Annotated[int, typer.Option(min=1, help=f"Probes for hutchinson and finite-diff (default {DEFAULT_PROBES}); "
                                      "ignored by exact.")]
+SaveEvery = Annotated[float, typer.Option("--save-every", min=0.0, metavar="SECONDS", help="Save the partial "
+                                          "state this often (and when interrupted); rerunning the same command "
+                                          "continues from the last save. 0: after every batch or probe. The "
+                                          "interval never changes the numbers.")]
 Tol = Annotated[float, typer.Option(callback=positive, help="Solver tolerance: stop when the relative "
                                     "objective change and the optimality residual are below it.")]
 MaxIter = Annotated[int, typer.Option("--max-iter", min=1, help="Solver iteration cap per layer.")]
 
 __all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "Device", "Estimator", "EstimatorOpt",
            "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "Json", "Loss", "MaxIter", "Mode", "Model",
-           "Optimizer", "Precision", "Probes", "Quiet", "Samples", "Seed", "Tol", "flag", "positive"]
+           "Optimizer", "Precision", "Probes", "Quiet", "Samples", "SaveEvery", "Seed", "Tol", "flag", "positive"]

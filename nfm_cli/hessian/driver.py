@@ -362,7 +362,6 @@ def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.T
         for unit in range(start, lead_end):
             est.run_unit(unit, state)
     scratch = tuple(est.scratch_prefixes)
-    stop_after = distributed.stop_hook_units()
     last_save = time.monotonic()
     c = lead_end // chunk
     units_done = lead_end
@@ -375,18 +374,15 @@ def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.T
                     est.run_unit(unit, state)
             c = min(n_chunks, c + ctx.world)
             units_done = min(est.units_total, c * chunk)
-            hook = stop_after is not None and units_done >= stop_after
             due = ctx.is_main and time.monotonic() - last_save >= save_every_seconds
-            # one collective per round: save now? (rank 0's clock, the test hook) and the largest signal seen
-            save, signum = distributed.max_ints(ctx, [int(due or hook), interrupt.pending() or 0])
+            # one collective per round: save now? (rank 0's clock) and the largest signal seen
+            save, signum = distributed.max_ints(ctx, [int(due), interrupt.pending() or 0])
             if (save and units_done < est.units_total) or signum:
                 saved = _save_round(ctx, state, scratch, units_done, save_partial)
                 last_save = time.monotonic()
                 if signum:
                     interrupt.take()
                     raise interrupt.Interrupted(signum, saved=saved)
-                if hook:
-                    raise KeyboardInterrupt(f"{distributed.TEST_STOP_ENV} reached")
             _report(progress, est, units_done)
     distributed.all_reduce_sum(ctx, list(state.values()))
     return est.units_total
