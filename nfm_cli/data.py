@@ -68,6 +68,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def check_dataset_name(name: str) -> None:
+    """An ``NfmError`` listing the valid names unless ``name`` is a known dataset."""
     if name not in DATASETS:
         raise NfmError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
 
