@@ -72,6 +72,7 @@ def lock_path(out: str | os.PathLike) -> Path:
 
 
 def hostname() -> str:
+    """This machine's name, as recorded in lock files."""
     return socket.gethostname() or "localhost"
 
 

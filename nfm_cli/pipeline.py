@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import os
-
-import torch
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nfm_cli import distributed
 from nfm_cli.artifacts import read_artifact, write_artifact

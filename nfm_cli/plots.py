@@ -23,12 +23,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from nfm_cli.artifacts import atomic_write  # noqa: E402
 from nfm_cli.errors import NfmError  # noqa: E402
 from nfm_cli.measure_registry import title  # noqa: E402
 from nfm_cli.progress import ProgressFn, report  # noqa: E402
-from nfm_cli.artifacts import atomic_write  # noqa: E402
-from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, column, correlations,  # noqa: E402
-                            group_runs, minmax_rescale)
+from nfm_cli.report import DEFAULT_GROUP_BY, DEFAULT_MEASURES, column, correlations, group_runs, minmax_rescale  # noqa: E402
 
 DPI = 100
 SCATTER_INCHES = (5.0, 4.0)

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 import models
+from nfm_cli import interrupt
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import model_from_spec, tensor_hash
 from nfm_cli.data import dataset_info, load_split, randomize_labels, subset_indices
 from nfm_cli.devices import resolve_device
-from nfm_cli import interrupt
 from nfm_cli.errors import NfmError
 from nfm_cli.progress import ProgressFn, report
 from nfm_cli.rng import derive_seed, keyed_generator

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
+from test_report import sweep
 
 from nfm_cli.artifacts import write_artifact
 from nfm_cli.report import load_runs
-from test_report import sweep
 
 HOST = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_") or "host"
 

@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 
 from nfm_cli.cli import STEPS, app
 from nfm_cli.cli.locking import locked, wait_option
-from nfm_cli.cli.options import (DEFAULT_PROBES, FD_SCALE, BatchSize, CheckpointArg, DataDir, Device, Estimator, EstimatorOpt,
-                                 FiniteDiffScale, Force, Loss, Probes, Quiet, Samples, SaveEvery, Seed)
+from nfm_cli.cli.options import (
+    DEFAULT_PROBES,
+    FD_SCALE,
+    BatchSize,
+    CheckpointArg,
+    DataDir,
+    Device,
+    Estimator,
+    EstimatorOpt,
+    FiniteDiffScale,
+    Force,
+    Loss,
+    Probes,
+    Quiet,
+    Samples,
+    SaveEvery,
+    Seed,
+)
 from nfm_cli.cli.render import console, progress_bar
 from nfm_cli.hessian import SAVE_EVERY_SECONDS, compute_hessian_diagonal
 

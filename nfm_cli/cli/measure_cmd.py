@@ -9,9 +9,27 @@ from rich.table import Table
 
 from nfm_cli.cli import WORKFLOW, app
 from nfm_cli.cli.locking import locked, wait_option
-from nfm_cli.cli.options import (DEFAULT_PROBES, FD_SCALE, BatchSize, CheckpointArg, DataDir, Device, Estimator,
-                                 EstimatorOpt, FiniteDiffScale, Force, Json, MaxIter, Precision, Probes, Quiet,
-                                 Samples, SaveEvery, Seed, Tol)
+from nfm_cli.cli.options import (
+    DEFAULT_PROBES,
+    FD_SCALE,
+    BatchSize,
+    CheckpointArg,
+    DataDir,
+    Device,
+    Estimator,
+    EstimatorOpt,
+    FiniteDiffScale,
+    Force,
+    Json,
+    MaxIter,
+    Precision,
+    Probes,
+    Quiet,
+    Samples,
+    SaveEvery,
+    Seed,
+    Tol,
+)
 from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.hessian import SAVE_EVERY_SECONDS
 from nfm_cli.measure_registry import SUMMARY_DIAGNOSTICS, summary_keys

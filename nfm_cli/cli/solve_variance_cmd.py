@@ -7,8 +7,8 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import STEPS, app
-from nfm_cli.cli.measure_cmd import finish
 from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.measure_cmd import finish
 from nfm_cli.cli.options import CheckpointArg, Json, MaxIter, Quiet, Tol
 from nfm_cli.cli.render import progress_bar
 from nfm_cli.pipeline import solve_variance
