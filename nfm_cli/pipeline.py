@@ -28,7 +28,7 @@ from nfm_cli.checkpoint import Checkpoint, load_checkpoint
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
-from nfm_cli.hessian import FD_SCALE, SAVE_EVERY_SECONDS, compute_hessian_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import FD_SCALE, SAVE_EVERY_SECONDS, compute_hessian_diagonal, read_hessian_diagonal
 from nfm_cli.measure_registry import RUN_METRICS
 from nfm_cli.measures import compute_measures
 from nfm_cli.progress import ProgressFn
@@ -60,20 +60,21 @@ def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out:
     """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``."""
     start = time.perf_counter()
     ck = load_checkpoint(checkpoint)
-    h, h_art = load_hessian_diagonal(hdiag, ck)
-    trace_h, trace_art = (h, h_art) if trace_hdiag is None else load_hessian_diagonal(trace_hdiag, ck)
-    measures = compute_measures(ck.model, h, trace_h, tol=tol, max_iter=max_iter, progress=progress)
+    h = read_hessian_diagonal(hdiag, ck)
+    trace_h = h if trace_hdiag is None else read_hessian_diagonal(trace_hdiag, ck)
+    measures = compute_measures(ck.model, h.diagonal, trace_h.diagonal, tol=tol, max_iter=max_iter,
+                                progress=progress)
     result = dict(measures.summary)
     result["fisher_rao_norm"] = fisher_rao
-    result["hessian_loss"] = h_art.meta["config"]["loss"]
-    result["trace_loss"] = trace_art.meta["config"]["loss"]
+    result["hessian_loss"] = h.config["loss"]
+    result["trace_loss"] = trace_h.config["loss"]
     result["metrics"] = checkpoint_metrics(ck)
     for key, value in result.items():
         if isinstance(value, float) and not math.isfinite(value) and key != "spectral_norm_product":
             raise NfmError(f"measure {key} came out {value}; the Hessian file or checkpoint is broken", hdiag)
-    parents = {"checkpoint": ck.sha256, "hessian": h_art.sha256, "trace_hessian": trace_art.sha256}
+    parents = {"checkpoint": ck.sha256, "hessian": h.sha256, "trace_hessian": trace_h.sha256}
     config = {"tol": tol, "max_iter": max_iter, "lambda": 0.5, "hessian_loss": result["hessian_loss"],
-              "trace_loss": result["trace_loss"], "estimator": h_art.meta["config"].get("estimator")}
+              "trace_loss": result["trace_loss"], "estimator": h.config.get("estimator")}
     config.update(extra_config or {})
     meta = {"config": config, "parents": parents, "result": result, "checkpoint_path": str(ck.path),
             "progress": {"complete": True}, "wall_time": time.perf_counter() - start}

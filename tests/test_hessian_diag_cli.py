@@ -10,7 +10,7 @@ import models
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.checkpoint import load_checkpoint
 from nfm_cli.errors import NfmError
-from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, read_hessian_diagonal
 from nfm_cli.training import train
 from tests.conftest import sha256_of, tiny_config
 
@@ -52,8 +52,9 @@ def test_exact_artifact_layout(tiny_checkpoint, tmp_path):
     x, y = ck.training_tensors()
     reference = exact_diagonal(ck.model, x, y, "ce", batch_size=48)
     assert all(torch.equal(art.tensors[n], reference[n]) for n in params)
-    h, h_art = load_hessian_diagonal(out, ck)
-    assert list(h) == list(params) and h_art.sha256 == sha256_of(out) and h_art.meta["config"]["loss"] == "ce"
+    h = read_hessian_diagonal(out, ck)
+    assert list(h.diagonal) == list(params) and h.sha256 == sha256_of(out) and h.config["loss"] == "ce"
+    assert h.status == "read" and h.checkpoint_sha256 == ck.sha256
 
 
 @pytest.mark.parametrize("estimator,units", [("exact", 1), ("hutchinson", 4), ("finite-diff", 5)])
@@ -71,7 +72,7 @@ def test_interrupted_and_resumed_is_bit_identical(tiny_checkpoint, tmp_path, est
     assert partial.meta["progress"]["done"] is False and partial.meta["progress"]["units_done"] == units
     assert all(name.startswith("state.") for name in partial.tensors)
     with pytest.raises(NfmError, match="unfinished"):
-        load_hessian_diagonal(part, tiny_checkpoint)
+        read_hessian_diagonal(part, tiny_checkpoint)
     # a second interruption, saving after every unit this time
     with pytest.raises(Interrupt):
         compute_hessian_diagonal(tiny_checkpoint, part, progress=interrupt_after(1), save_every_seconds=0,
@@ -116,7 +117,7 @@ def test_another_checkpoint_is_refused(tiny_checkpoint, other_checkpoint, tmp_pa
     out = tmp_path / "h.safetensors"
     compute_hessian_diagonal(tiny_checkpoint, out, device="cpu")
     with pytest.raises(NfmError, match="computed from another checkpoint"):
-        load_hessian_diagonal(out, load_checkpoint(other_checkpoint))
+        read_hessian_diagonal(out, load_checkpoint(other_checkpoint))
     with pytest.raises(NfmError, match="another checkpoint.*--force"):
         compute_hessian_diagonal(other_checkpoint, out, device="cpu")
 

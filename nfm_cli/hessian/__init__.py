@@ -14,7 +14,6 @@ from nfm_cli.hessian.driver import (
     HessianResult,
     auto_batch_size,
     compute_hessian_diagonal,
-    load_hessian_diagonal,
     read_hessian_diagonal,
 )
 from nfm_cli.hessian.estimators import ESTIMATORS, DiagonalEstimate, estimate_diagonal
@@ -30,4 +29,4 @@ from nfm_cli.hessian.stochastic import FD_SCALE, finite_difference_radii
 __all__ = ["auto_batch_size", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "KIND", "PIECEWISE_LINEAR_LEAVES",
            "RULES", "SAVE_EVERY_SECONDS", "DiagonalEstimate", "HessianDiagonal", "HessianResult", "check_exact_supported",
            "compute_hessian_diagonal", "estimate_diagonal", "exact_diagonal", "exact_diagonal_batch",
-           "finite_difference_radii", "load_hessian_diagonal", "read_hessian_diagonal"]
+           "finite_difference_radii", "read_hessian_diagonal"]
