@@ -320,6 +320,46 @@ def _gauge(x, y):
     return x + s, y - s
 
 
+def _newton_step(lh, lw, x, y, p, q, f: float, res: float, grad, eps: float):
+    """A damped Newton step from (x, y), or None when no step length is accepted: accepted if it satisfies
+    Armijo, or is a full step inside the quadratic region, or does not increase f beyond rounding while
+    reducing the residual. Returns (x, y, p, q, f) at the new point."""
+    gx, gy, rx, ry = grad
+    dx, dy = _newton_dir(p + q, gx, gy, rx, ry)
+    slope = float(gx @ dx + gy @ dy)
+    m = float(dx.abs().max()) + float(dy.abs().max())
+    if not (math.isfinite(slope) and math.isfinite(m)) or slope >= 0:
+        dx, dy = -gx / rx, -gy / ry  # scaled gradient fallback (should not happen)
+        slope = float(gx @ dx + gy @ dy)
+        m = float(dx.abs().max()) + float(dy.abs().max())
+    if m <= 1e-13:
+        return None
+    t = 1.0 if m <= _MAX_LOG_STEP else _MAX_LOG_STEP / m
+    while t * m > 1e-15:
+        xn, yn = _gauge(x + t * dx, y + t * dy)
+        pn, qn = _terms(lh, lw, xn, yn)
+        fn = float(pn.sum() + qn.sum())
+        if math.isfinite(fn):
+            if (t == 1.0 and m < _QUAD_REGION) or fn <= f + _ARMIJO * t * slope:
+                return xn, yn, pn, qn, fn
+            if fn <= f * (1 + eps) and _residual(pn, qn)[0] < res:
+                return xn, yn, pn, qn, fn
+        t *= 0.5
+    return None
+
+
+def _sweep_step(lh, lw, x, y, f: float, res: float, eps: float):
+    """An exact block sweep from (x, y) if it does not increase f beyond rounding and reduces the
+    residual, else None. Returns (x, y, p, q, f) at the new point."""
+    xn, yn = _sweep(lh, lw, x, y)
+    pn, qn = _terms(lh, lw, xn, yn)
+    fn = float(pn.sum() + qn.sum())
+    res_n = _residual(pn, qn)[0] if math.isfinite(fn) else math.inf
+    if not (math.isfinite(fn) and (fn <= f * (1 + eps)) and res_n < res):
+        return None
+    return xn, yn, pn, qn, fn
+
+
 def _solve_core(h: torch.Tensor, w: torch.Tensor, tol: float, max_iter: int):
     """Minimise sum h a b + w / (a b) on a strongly connected block. Returns (f, x, y, it, res, ok).
 
@@ -354,40 +394,15 @@ def _solve_core(h: torch.Tensor, w: torch.Tensor, tol: float, max_iter: int):
             break
         it += 1
         stalled = rel <= eps and not swept  # alternate sweep / Newton while f is at rounding level
-        if not stalled:
-            dx, dy = _newton_dir(p + q, gx, gy, rx, ry)
-            slope = float(gx @ dx + gy @ dy)
-            m = float(dx.abs().max()) + float(dy.abs().max())
-            if not (math.isfinite(slope) and math.isfinite(m)) or slope >= 0:
-                dx, dy = -gx / rx, -gy / ry  # scaled gradient fallback (should not happen)
-                slope = float(gx @ dx + gy @ dy)
-                m = float(dx.abs().max()) + float(dy.abs().max())
-            accepted = False
-            if m > 1e-13:
-                t = 1.0 if m <= _MAX_LOG_STEP else _MAX_LOG_STEP / m
-                while t * m > 1e-15:
-                    xn, yn = _gauge(x + t * dx, y + t * dy)
-                    pn, qn = _terms(lh, lw, xn, yn)
-                    fn = float(pn.sum() + qn.sum())
-                    if math.isfinite(fn):
-                        if (t == 1.0 and m < _QUAD_REGION) or fn <= f + _ARMIJO * t * slope:
-                            accepted = True
-                        elif fn <= f * (1 + eps):
-                            res_n = _residual(pn, qn)[0]
-                            accepted = res_n < res
-                        if accepted:
-                            break
-                    t *= 0.5
-            stalled = not accepted
+        step = None if stalled else _newton_step(lh, lw, x, y, p, q, f, res, (gx, gy, rx, ry), eps)
+        stalled = step is None
         if stalled:
             # Newton cannot make representable progress: exact block sweep instead.
-            xn, yn = _sweep(lh, lw, x, y)
-            pn, qn = _terms(lh, lw, xn, yn)
-            fn = float(pn.sum() + qn.sum())
-            res_n = _residual(pn, qn)[0] if math.isfinite(fn) else math.inf
-            if not (math.isfinite(fn) and (fn <= f * (1 + eps)) and res_n < res):
+            step = _sweep_step(lh, lw, x, y, f, res, eps)
+            if step is None:
                 ok = res <= tol  # nothing improves any more: report the residual honestly
                 break
+        xn, yn, pn, qn, fn = step
         swept = stalled
         x, y, p, q = xn, yn, pn, qn
         f_prev, f = f, fn
