@@ -81,6 +81,7 @@ class HessianDiagonal:
     wall_time: float = 0.0
     sha256: str = ""
     checkpoint_sha256: str = ""
+    artifact: Artifact | None = None    # the file as read (``read_hessian_diagonal`` and "already complete")
 
 
 HessianResult = HessianDiagonal   # the name compute_hessian_diagonal's result had before
@@ -528,4 +529,5 @@ def _as_hessian_diagonal(art: Artifact) -> HessianDiagonal:
     if not diagonal:
         raise NfmError("holds no Hessian diagonal tensors", art.path)
     return HessianDiagonal(art.path, "read", art.meta.get("config") or {}, diagonal, stderr,
-                           art.meta.get("metrics") or {}, float(art.meta.get("wall_time") or 0.0), art.sha256, parent)
+                           art.meta.get("metrics") or {}, float(art.meta.get("wall_time") or 0.0), art.sha256, parent,
+                           art)
