@@ -9,7 +9,7 @@ RESULTS ?= results
 RUNS ?= 22
 JOBS ?= 2
 
-.PHONY: install test test-slow fuzz demo reproduce clean
+.PHONY: install test test-fast test-slow lint fuzz demo reproduce clean
 
 install: $(STAMP)
 
@@ -36,6 +36,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The same minus the `integration` tests (torchrun processes, SIGKILLed runs): the quick loop while editing.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not integration"
+
+# pyflakes, import order, docstrings on public functions (config: pyproject.toml [tool.ruff]).
+lint: install
+	$(PYTHON) -m ruff check .
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow

@@ -67,6 +67,7 @@ class Artifact:
 
 
 def content_hash(data: bytes) -> str:
+    """SHA-256 hex digest of a file's bytes: an artifact's identity, recorded by its children as a parent."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -90,7 +90,13 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def model_names() -> list[str]:
+    """The names of the registered models (``--model`` choices)."""
+    return models.names()
+
+
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Build the registered model ``spec["name"]`` with ``spec["args"]``; an unknown name is an ``NfmError``."""
     try:
         return models.build(spec["name"], **spec["args"])
     except models.UnknownModelError as err:
@@ -110,6 +116,7 @@ def load_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike | None 
 
 
 def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=torch.float32) -> Checkpoint:
+    """Validate an already read checkpoint artifact and rebuild its model (see ``load_checkpoint``)."""
     path = art.path
     config = art.require("config", dict)
     spec = art.require("model", dict)

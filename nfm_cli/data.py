@@ -68,6 +68,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def check_dataset_name(name: str) -> None:
+    """An ``NfmError`` listing the valid names unless ``name`` is a known dataset."""
     if name not in DATASETS:
         raise NfmError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
 
@@ -240,7 +241,7 @@ def randomize_labels(labels: torch.Tensor, ratio: float, num_classes: int, seed:
     equals the original with probability 1/K (so r = 0.3, K = 10 changes about 27% of labels).
     """
     if not 0.0 <= ratio <= 1.0:
-        raise NfmError(f"--random-ratio must be in [0, 1], not {ratio}")
+        raise NfmError(f"random_ratio must be in [0, 1], not {ratio}")
     gen = keyed_generator(seed, "random-labels")
     n = len(labels)
     count = int(round(ratio * n))

@@ -11,7 +11,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NfmError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise NfmError(f"device {name!r} was asked for but no CUDA GPU is available; use cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:

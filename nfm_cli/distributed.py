@@ -20,11 +20,6 @@ import torch.distributed as dist
 
 from nfm_cli.errors import NfmError
 
-# Test hook (tests/test_distributed.py): with NFM_TEST_STOP_AFTER_UNITS=k, a sharded hessian-diag run
-# saves its state at the first synchronization point with >= k units done and then every rank stops
-# with KeyboardInterrupt, as if the job had been killed right after that save. Not for users.
-TEST_STOP_ENV = "NFM_TEST_STOP_AFTER_UNITS"
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -130,12 +125,6 @@ def max_ints(ctx: Dist, values: list[int]) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [int(v) for v in t.cpu()]
-
-
-def stop_hook_units() -> int | None:
-    """The test hook's unit count (see ``TEST_STOP_ENV``), or None."""
-    value = os.environ.get(TEST_STOP_ENV, "")
-    return int(value) if value.strip() else None
 
 
 def barrier(ctx: Dist) -> None:

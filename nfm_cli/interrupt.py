@@ -59,6 +59,7 @@ def install() -> dict[int, object]:
 
 
 def restore(previous: dict[int, object]) -> None:
+    """Put back the signal handlers ``install`` replaced."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 

@@ -32,7 +32,6 @@ from nfm_cli.progress import ProgressFn, report
 from nfm_cli.variance import LayerSolution, matrix_normalized_layer, solve_layer, to_matrix
 
 WEIGHT_MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-METRIC_KEYS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
 
 
 def weight_matrices(model: nn.Module) -> dict[str, nn.Module]:
@@ -58,9 +57,9 @@ class Measures:
 def check_solver_options(tol: float, max_iter: int) -> None:
     """Refuse a solver setting before any work (``measure`` checks it before the Hessians)."""
     if not (tol > 0 and math.isfinite(tol)):
-        raise NfmError(f"--tol must be a positive number, not {tol}")
+        raise NfmError(f"tol must be a positive number, not {tol}")
     if max_iter < 1:
-        raise NfmError(f"--max-iter must be at least 1, not {max_iter}")
+        raise NfmError(f"max_iter must be at least 1, not {max_iter}")
 
 
 def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
@@ -74,54 +73,71 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
     matrices = weight_matrices(model)
     layers: dict[str, dict[str, Any]] = {}
     sigmas: dict[str, torch.Tensor] = {}
-    totals = {"normalized_sharpness": 0.0, "matrix_normalized_sharpness": 0.0}
-    negative_mass = abs_mass = 0.0
-    log_spectral = 0.0
-    frob_sq = 0.0
+    masses: list[tuple[float, float]] = []
     for index, (name, layer) in enumerate(matrices.items()):
-        weight = params[name].detach().to("cpu", torch.float64)
-        h_raw = hdiag[name].to("cpu", torch.float64)
-        groups = getattr(layer, "groups", 1)
-        w2, h = to_matrix(weight, h_raw, groups)
-        solution: LayerSolution = solve_layer(w2, h, tol=tol, max_iter=max_iter)
-        mnorm = matrix_normalized_layer(w2, h)
-        # a grouped conv is block diagonal: its spectral norm is the largest of its blocks'
-        spectral = max(spectral_norm(block.reshape(block.shape[0], -1)) for block in weight.chunk(groups))
-        layer_frob = float(w2.sum())
-        neg = float(h_raw.clamp_max(0).abs().sum())
-        negative_mass += neg
-        abs_mass += float(h_raw.abs().sum())
-        frob_sq += layer_frob
-        log_spectral += math.log(spectral) if spectral > 0 else -math.inf
-        totals["normalized_sharpness"] += solution.value
-        totals["matrix_normalized_sharpness"] += mnorm
+        layers[name], solution, mass = _layer_measures(layer, params[name], hdiag[name], trace_hdiag[name],
+                                                       tol, max_iter)
         sigmas[f"sigma_row.{name}"] = solution.sigma_row
         sigmas[f"sigma_col.{name}"] = solution.sigma_col
-        layers[name] = {
-            "type": type(layer).__name__, "shape": list(weight.shape), "groups": groups,
-            "normalized_sharpness": solution.value, "matrix_normalized_sharpness": mnorm,
-            "hessian_trace": float(trace_hdiag[name].double().sum()),
-            "frobenius_norm_sq": layer_frob, "spectral_norm": spectral,
-            "clipped_fraction": neg / max(float(h_raw.abs().sum()), 1e-300),
-            "iterations": solution.iterations, "residual": solution.residual, "converged": solution.converged,
-            "degenerate_rows": solution.degenerate_rows, "degenerate_cols": solution.degenerate_cols,
-            "attained": solution.attained,
-        }
+        masses.append(mass)
         report(progress, "layers", index + 1, len(matrices), layer=name)
+    return Measures(_summary(layers, masses, params, matrices, trace_hdiag), sigmas)
+
+
+def _layer_measures(layer: nn.Module, param: torch.Tensor, h_param: torch.Tensor, trace_param: torch.Tensor,
+                    tol: float, max_iter: int) -> tuple[dict[str, Any], LayerSolution, tuple[float, float]]:
+    """One weight matrix: its row of the per-layer table, the solution of (17), and the (negative,
+    absolute) mass of its raw diagonal."""
+    weight = param.detach().to("cpu", torch.float64)
+    h_raw = h_param.to("cpu", torch.float64)
+    groups = getattr(layer, "groups", 1)
+    w2, h = to_matrix(weight, h_raw, groups)
+    solution: LayerSolution = solve_layer(w2, h, tol=tol, max_iter=max_iter)
+    neg = float(h_raw.clamp_max(0).abs().sum())
+    # a grouped conv is block diagonal: its spectral norm is the largest of its blocks'
+    spectral = max(spectral_norm(block.reshape(block.shape[0], -1)) for block in weight.chunk(groups))
+    row = {
+        "type": type(layer).__name__, "shape": list(weight.shape), "groups": groups,
+        "normalized_sharpness": solution.value, "matrix_normalized_sharpness": matrix_normalized_layer(w2, h),
+        "hessian_trace": float(trace_param.double().sum()),
+        "frobenius_norm_sq": float(w2.sum()), "spectral_norm": spectral,
+        "clipped_fraction": neg / max(float(h_raw.abs().sum()), 1e-300),
+        "iterations": solution.iterations, "residual": solution.residual, "converged": solution.converged,
+        "degenerate_rows": solution.degenerate_rows, "degenerate_cols": solution.degenerate_cols,
+        "attained": solution.attained,
+    }
+    return row, solution, (neg, float(h_raw.abs().sum()))
+
+
+def _running_sum(values) -> float:
+    """Left-to-right float sum from 0.0 (the order the per-layer values were always added in)."""
+    total = 0.0
+    for value in values:
+        total += value
+    return total
+
+
+def _summary(layers: dict[str, dict[str, Any]], masses: list[tuple[float, float]], params: dict[str, Any],
+             matrices: dict[str, nn.Module], trace_hdiag: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The totals over weight matrices, the traces, the diagnostics and the per-layer table."""
+    rows = list(layers.values())
+    negative_mass = _running_sum(neg for neg, _ in masses)
+    abs_mass = _running_sum(total for _, total in masses)
+    log_spectral = _running_sum(math.log(r["spectral_norm"]) if r["spectral_norm"] > 0 else -math.inf for r in rows)
     in_matrices = sum(params[name].numel() for name in matrices)
-    summary: dict[str, Any] = {
-        **totals,
+    return {
+        "normalized_sharpness": _running_sum(r["normalized_sharpness"] for r in rows),
+        "matrix_normalized_sharpness": _running_sum(r["matrix_normalized_sharpness"] for r in rows),
         "hessian_trace": float(sum(t.double().sum() for t in trace_hdiag.values())),
         "hessian_trace_weights": float(sum(trace_hdiag[name].double().sum() for name in matrices)),
         "clipped_fraction": negative_mass / abs_mass if abs_mass > 0 else 0.0,
-        "frobenius_norm_sq": frob_sq,
+        "frobenius_norm_sq": _running_sum(r["frobenius_norm_sq"] for r in rows),
         # a zero matrix makes the product 0 (log undefined: None); past float range: None, log kept
         "spectral_norm_product": math.exp(log_spectral) if log_spectral < 709 else None,
         "log_spectral_norm_product": log_spectral if math.isfinite(log_spectral) else None,
         "weight_matrices": len(matrices),
         "params_in_matrices": in_matrices,
         "params_left_out": sum(p.numel() for p in params.values()) - in_matrices,
-        "converged": all(layer["converged"] for layer in layers.values()),
+        "converged": all(r["converged"] for r in rows),
         "layers": layers,
     }
-    return Measures(summary, sigmas)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import os
-
-import torch
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nfm_cli import distributed
 from nfm_cli.artifacts import read_artifact, write_artifact
@@ -29,12 +29,18 @@ from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
-from nfm_cli.hessian import check_hessian_options, compute_hessian_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import (
+    FD_SCALE,
+    SAVE_EVERY_SECONDS,
+    check_hessian_options,
+    compute_hessian_diagonal,
+    read_hessian_diagonal,
+)
+from nfm_cli.measure_registry import RUN_METRICS
 from nfm_cli.measures import check_solver_options, compute_measures
 from nfm_cli.progress import ProgressFn
 from nfm_cli.rivals import RivalOptions, rival_measures
 
-RESULT_METRICS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
 RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth", "lr", "batch_size",
                  "optimizer", "momentum", "weight_decay", "stop_at_loss")
 
@@ -49,7 +55,7 @@ class MeasureResult:
 
 def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
     """The run's metrics and identity, copied into measures files so ``report`` needs nothing else."""
-    metrics = {k: ck.metrics.get(k) for k in RESULT_METRICS}
+    metrics = {k: ck.metrics.get(k) for k in RUN_METRICS}
     metrics.update({k: ck.config.get(k) for k in RESULT_CONFIG})
     metrics["checkpoint"] = str(ck.path)
     return metrics
@@ -65,21 +71,22 @@ def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out:
     check_solver_options(tol, max_iter)
     check_out_path(out)
     ck = load_checkpoint(checkpoint)
-    h, h_art = load_hessian_diagonal(hdiag, ck)
-    trace_h, trace_art = (h, h_art) if trace_hdiag is None else load_hessian_diagonal(trace_hdiag, ck)
-    measures = compute_measures(ck.model, h, trace_h, tol=tol, max_iter=max_iter, progress=progress)
+    h = read_hessian_diagonal(hdiag, ck)
+    trace_h = h if trace_hdiag is None else read_hessian_diagonal(trace_hdiag, ck)
+    measures = compute_measures(ck.model, h.diagonal, trace_h.diagonal, tol=tol, max_iter=max_iter,
+                                progress=progress)
     result = dict(measures.summary)
     result["fisher_rao_norm"] = fisher_rao
-    result["hessian_loss"] = h_art.meta["config"]["loss"]
-    result["trace_loss"] = trace_art.meta["config"]["loss"]
+    result["hessian_loss"] = h.config["loss"]
+    result["trace_loss"] = trace_h.config["loss"]
     result["metrics"] = checkpoint_metrics(ck)
     result.update(extra_result or {})
     for key, value in result.items():
         if isinstance(value, float) and not math.isfinite(value) and key != "spectral_norm_product":
             raise NfmError(f"measure {key} came out {value}; the Hessian file or checkpoint is broken", hdiag)
-    parents = {"checkpoint": ck.sha256, "hessian": h_art.sha256, "trace_hessian": trace_art.sha256}
+    parents = {"checkpoint": ck.sha256, "hessian": h.sha256, "trace_hessian": trace_h.sha256}
     config = {"tol": tol, "max_iter": max_iter, "lambda": 0.5, "hessian_loss": result["hessian_loss"],
-              "trace_loss": result["trace_loss"], "estimator": h_art.meta["config"].get("estimator")}
+              "trace_loss": result["trace_loss"], "estimator": h.config.get("estimator")}
     config.update(extra_config or {})
     meta = {"config": config, "parents": parents, "result": result, "checkpoint_path": str(ck.path),
             "progress": {"complete": True}, "wall_time": time.perf_counter() - start}
@@ -129,22 +136,27 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                        estimator: str = "exact", samples: int | None = None, probes: int = 100,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
                        precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
-                       force: bool = False, rivals: bool = False, progress: ProgressFn = None) -> MeasureResult:
+                       force: bool = False, rivals: bool = False, finite_diff_scale: float = FD_SCALE,
+                       data_dir: str | os.PathLike | None = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
+                       progress: ProgressFn = None) -> MeasureResult:
     """Hessian diagonals (normalized-ce and ce), Fisher-Rao norm and the solve, resumably.
 
-    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons).
+    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons);
+    ``data_dir`` is where the dataset is, if not where the checkpoint was trained.
     ``rivals``: also the rival measures of ``nfm_cli.rivals`` (seeded by ``seed``, on the same
     samples); asked of a finished measures file without them, they are added to it."""
     if precision not in PRECISIONS:
-        raise NfmError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise NfmError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     check_solver_options(tol, max_iter)
-    check_hessian_options(estimator=estimator, probes=probes, samples=samples, batch_size=batch_size)
+    check_hessian_options(estimator=estimator, probes=probes, samples=samples, batch_size=batch_size,
+                          finite_diff_scale=finite_diff_scale)
     out = Path(out) if out is not None else default_measures_path(checkpoint)
     check_out_path(out)
-    ck = load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+    ck = load_checkpoint(checkpoint, data_dir, dtype=PRECISIONS[precision])
     refuse_diverged(ck)
     options = {"estimator": estimator, "samples": samples, "probes": probes if estimator != "exact" else None,
-               "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision}
+               "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision,
+               "finite_diff_scale": finite_diff_scale if estimator == "finite-diff" else None}
     if out.exists() and not force:
         art = read_artifact(out, ("measures", "checkpoint", "hessian-diag"))
         if art.kind != "measures":
@@ -162,7 +174,8 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
     for loss, path in paths.items():
         compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
                                  samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
-                                 force=force, progress=progress)
+                                 force=force, finite_diff_scale=finite_diff_scale, progress=progress,
+                                 save_every_seconds=save_every_seconds)
     # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm and the solve
     # (cheap next to them) run on rank 0 alone while the others wait, then every rank returns the result.
     ctx, rank_dev = distributed.setup(dev)

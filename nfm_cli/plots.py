@@ -25,11 +25,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from nfm_cli.errors import NfmError  # noqa: E402
-from nfm_cli.progress import ProgressFn, report  # noqa: E402
 from nfm_cli.artifacts import atomic_write  # noqa: E402
-from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, column, correlations,  # noqa: E402
-                            group_runs, minmax_rescale)
+from nfm_cli.errors import NfmError  # noqa: E402
+from nfm_cli.measure_registry import title  # noqa: E402
+from nfm_cli.progress import ProgressFn, report  # noqa: E402
+from nfm_cli.report import DEFAULT_GROUP_BY, DEFAULT_MEASURES, column, correlations, group_runs, minmax_rescale  # noqa: E402
 
 DPI = 100
 SCATTER_INCHES = (5.0, 4.0)
@@ -37,22 +37,6 @@ FIGURE1_INCHES = (10.0, 4.0)
 SCATTER_PX = (500, 400)  # (width, height) of each per-measure PNG
 FIGURE1_PX = (1000, 400)  # (width, height) of figure1.png
 
-TITLES = {
-    "normalized_sharpness": "normalized sharpness",
-    "matrix_normalized_sharpness": "matrix-normalized sharpness",
-    "hessian_trace": "trace of the Hessian",
-    "hessian_trace_weights": "trace of the Hessian (weight matrices)",
-    "fisher_rao_norm": "Fisher-Rao norm",
-    "frobenius_norm_sq": "squared Frobenius norm",
-    "spectral_norm_product": "product of spectral norms",
-    "log_spectral_norm_product": "log product of spectral norms",
-    "pacbayes_flatness": "PAC-Bayes flatness 1/sigma^2",
-    "pacbayes_mag_flatness": "magnitude-aware PAC-Bayes flatness 1/sigma'^2",
-    "sharpness_worst": "worst-case sharpness 1/alpha^2",
-    "sharpness_mag_worst": "magnitude-aware worst-case sharpness 1/alpha'^2",
-    "adaptive_sharpness": "adaptive sharpness (rho = 0.5)",
-}
-Y_LABELS = {"gap": "generalization gap (train acc - test acc)"}
 
 
 def _fmt(value: float) -> str:
@@ -60,7 +44,7 @@ def _fmt(value: float) -> str:
 
 
 def _title(measure: str, corr: dict[str, Any]) -> str:
-    return (f"{TITLES.get(measure, measure)}\n"
+    return (f"{title(measure)}\n"
             f"Pearson r={_fmt(corr['pearson_r'])}, Spearman \u03c1={_fmt(corr['spearman_rho'])} (n={corr['n']})")
 
 
@@ -110,8 +94,8 @@ def _draw(fig: Figure, ax: Any, runs: Sequence[dict], measure: str, y: str, grou
         ax.set_xlim(-0.05, 1.05)
     elif x_scale == "log" and ok:
         ax.set_xscale("log")
-    ax.set_xlabel(f"{TITLES.get(measure, measure)}{axis_note}" + group_label, fontsize=8)
-    ax.set_ylabel(Y_LABELS.get(y, y), fontsize=8)
+    ax.set_xlabel(f"{title(measure)}{axis_note}" + group_label, fontsize=8)
+    ax.set_ylabel(title(y), fontsize=8)
     ax.set_title(_title(measure, corr), fontsize=9)
     ax.tick_params(labelsize=7)
     ax.grid(True, linewidth=0.3, alpha=0.5)

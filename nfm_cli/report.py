@@ -27,20 +27,17 @@ from scipy import stats
 from nfm_cli.artifacts import atomic_write, read_artifact
 from nfm_cli.errors import NfmError
 from nfm_cli.inflight import in_flight_reason
+from nfm_cli.measure_registry import DIAGNOSTICS as DIAGNOSTIC_KEYS
+from nfm_cli.measure_registry import RUN_LABELS, RUN_METRICS, measure_keys, summary_keys
 from nfm_cli.progress import ProgressFn, report
 from nfm_cli.protocol import make_grid, protocol_scores, varying_axes
 
-# Flatness / norm measures, in the order tables and CSV columns show them.
-MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "hessian_trace_weights",
-            "fisher_rao_norm", "frobenius_norm_sq", "spectral_norm_product", "log_spectral_norm_product",
-            "pacbayes_flatness", "pacbayes_mag_flatness", "sharpness_worst", "sharpness_mag_worst",
-            "adaptive_sharpness")
-DEFAULT_MEASURES = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm",
-                    "frobenius_norm_sq", "spectral_norm_product")
-# Other top-level numbers of a result (diagnostics, not flatness measures).
-DIAGNOSTICS = ("clipped_fraction", "weight_matrices", "params_in_matrices", "params_left_out", "converged")
-METRIC_NUMBERS = ("train_acc", "test_acc", "gap", "train_loss", "test_loss", "random_ratio")
-METRIC_LABELS = ("model", "dataset", "seed", "train_size", "epochs", "optimizer")
+# Names come from the measure registry (one place for each measure; see measure_registry.py).
+MEASURES = measure_keys()                    # flatness / norm measures, in table and CSV column order
+DEFAULT_MEASURES = summary_keys()
+DIAGNOSTICS = tuple(DIAGNOSTIC_KEYS)           # other top-level numbers of a result, not measures
+METRIC_NUMBERS = tuple(RUN_METRICS)
+METRIC_LABELS = RUN_LABELS
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
 DEFAULT_GROUP_BY = ("model", "dataset")
 

@@ -111,15 +111,15 @@ def _factors(count: int, alpha: float | None, random_range, gen: torch.Generator
 def check_rescale_options(mode: str, alpha: float | None, random_range) -> None:
     """Refuse bad options before any work (``rescale_checkpoint`` calls it before loading data)."""
     if mode not in MODES:
-        raise NfmError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
+        raise NfmError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if (alpha is None) == (random_range is None):
-        raise NfmError("give exactly one of --alpha A or --random-range LO HI")
+        raise NfmError("give exactly one of alpha (a factor) or random_range (LO, HI)")
     if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
-        raise NfmError(f"--alpha must be a positive number, not {alpha}")
+        raise NfmError(f"alpha must be a positive number, not {alpha}")
     if random_range is not None:
         lo, hi = random_range
         if not (0 < lo <= hi and math.isfinite(hi)):
-            raise NfmError(f"--random-range needs 0 < LO <= HI, not {lo} {hi}")
+            raise NfmError(f"random_range needs 0 < LO <= HI, not {lo} {hi}")
 
 
 @torch.no_grad()
@@ -133,7 +133,7 @@ def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
     if mode == "bn":
         pairs = conv_bn_pairs(model)
         if not pairs:
-            raise NfmError("the model has no convolution feeding a BatchNorm; use --mode layer or neuron")
+            raise NfmError("the model has no convolution feeding a BatchNorm; use mode layer or neuron")
         for conv_name, bn_name in pairs:
             conv, bn = modules[conv_name], modules[bn_name]
             a = _factors(conv.out_channels, alpha, random_range, gen)
@@ -148,10 +148,10 @@ def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
         return touched
     pairs = weight_pairs(model)
     if not pairs:
-        raise NfmError("the model has no two weight layers joined by ReLU/pooling; try --mode bn")
+        raise NfmError("the model has no two weight layers joined by ReLU/pooling; try mode bn")
     if mode == "layer":
         if not 0 <= pair < len(pairs):
-            raise NfmError(f"--pair must be in [0, {len(pairs) - 1}] for this model, not {pair}")
+            raise NfmError(f"pair must be in [0, {len(pairs) - 1}] for this model, not {pair}")
         chosen = pairs[pair]
         first, second = modules[chosen.first], modules[chosen.second]
         a = float(_factors(1, alpha, random_range, gen)[0])
@@ -194,10 +194,10 @@ def rescale_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mo
     out = Path(out)
     check_rescale_options(mode, alpha, random_range)
     if out.resolve() == Path(checkpoint).resolve():
-        raise NfmError("--out must differ from the input checkpoint (rescale never overwrites it)", out)
+        raise NfmError("the output must differ from the input checkpoint (rescale never overwrites it)", out)
     folder = out.parent if str(out.parent) else Path(".")
     if out.is_dir() or not folder.is_dir():
-        raise NfmError("--out must be a file in an existing folder", out)
+        raise NfmError("the output must be a file in an existing folder", out)
     # rescale in float64 and round once when saving: every stored value is the correctly rounded
     # rescaled value (rescaling in float32 compounds roundings the measures can pick up)
     ck: Checkpoint = load_checkpoint(checkpoint, data_dir=data_dir, dtype=torch.float64)

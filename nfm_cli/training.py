@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import models
+from nfm_cli import interrupt
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import model_from_spec, tensor_hash
 from nfm_cli.data import check_data_dir, dataset_info, load_split, randomize_labels, subset_indices
 from nfm_cli.devices import resolve_device
-from nfm_cli import interrupt
 from nfm_cli.errors import NfmError
 from nfm_cli.progress import ProgressFn, report
 from nfm_cli.rng import derive_seed, keyed_generator
@@ -75,20 +75,20 @@ class TrainConfig:
         dataset_info(self.dataset)
         check_data_dir(self.data_dir)
         if not 0.0 <= self.random_ratio <= 1.0 or math.isnan(self.random_ratio):
-            raise NfmError(f"--random-ratio must be in [0, 1], not {self.random_ratio}")
+            raise NfmError(f"random_ratio must be in [0, 1], not {self.random_ratio}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(self, name)}")
+                raise NfmError(f"{name} must be a positive integer, not {getattr(self, name)}")
         for name in ("train_size", "test_size", "width", "depth"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise NfmError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
+                raise NfmError(f"{name} must be a positive integer, not {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise NfmError(f"--lr must be a positive number, not {self.lr}")
+            raise NfmError(f"lr must be a positive number, not {self.lr}")
         self._validate_optimizer()
         for name in ("width", "depth"):
             if getattr(self, name) is not None and self.model not in _SIZE_ARGS:
-                raise NfmError(f"--{name} applies to {' and '.join(_SIZE_ARGS)} only, not {self.model}")
+                raise NfmError(f"{name} applies to {' and '.join(_SIZE_ARGS)} only, not {self.model}")
         try:
             model_from_spec(self.model_spec())
         except (TypeError, ValueError) as exc:
@@ -99,13 +99,13 @@ class TrainConfig:
             raise NfmError(f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
         for name in ("momentum", "weight_decay"):
             if not (0 <= getattr(self, name) < math.inf):
-                raise NfmError(f"--{name.replace('_', '-')} must be a non-negative number, not {getattr(self, name)}")
+                raise NfmError(f"{name} must be a non-negative number, not {getattr(self, name)}")
         if self.momentum >= 1:
-            raise NfmError(f"--momentum must be below 1, not {self.momentum}")
+            raise NfmError(f"momentum must be below 1, not {self.momentum}")
         if self.optimizer == "adam" and self.momentum != 0:
-            raise NfmError("--momentum applies to --optimizer sgd only (Adam uses its default betas)")
+            raise NfmError("momentum applies to optimizer sgd only (Adam uses its default betas)")
         if self.stop_at_loss is not None and not (0 <= self.stop_at_loss < math.inf):
-            raise NfmError(f"--stop-at-loss must be a non-negative number, not {self.stop_at_loss}")
+            raise NfmError(f"stop_at_loss must be a non-negative number, not {self.stop_at_loss}")
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -159,7 +159,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: str = "auto", 
     """
     config.validate()
     if not save_every >= 0:
-        raise NfmError(f"--save-every must be a number of seconds >= 0, not {save_every}")
+        raise NfmError(f"save_every must be a number of seconds >= 0, not {save_every}")
     out = Path(out)
     if out.is_dir():
         raise NfmError("output path is a directory; give a file name such as run.safetensors", out)

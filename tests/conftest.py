@@ -1,4 +1,4 @@
-"""Shared fixtures: isolated cache/data folders, a tiny synthetic checkpoint, an in-process CLI runner."""
+"""Shared fixtures: isolated cache/data folders, one chain of tiny session-wide artifacts, an in-process CLI runner."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from nfm_cli.cli import main
+from nfm_cli.hessian import compute_hessian_diagonal
+from nfm_cli.pipeline import solve_variance
 from nfm_cli.training import TrainConfig, train
 
 
@@ -39,11 +41,39 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+# One chain of session-wide artifacts, made once and shared by every test module (never modify them;
+# copy one into tmp_path first): checkpoint -> exact normalized-ce Hessian diagonal -> measures file,
+# and a second checkpoint of the same config with another seed (for lineage refusals).
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A complete 2-epoch MLP checkpoint on 128 synthetic samples (session-wide, do not modify)."""
+    """A complete 2-epoch MLP checkpoint on 128 synthetic samples."""
     out = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     train(tiny_config(), out, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory) -> Path:
+    """The same config as ``tiny_checkpoint`` with seed 1: another checkpoint, same model."""
+    out = tmp_path_factory.mktemp("ckpt-other") / "other.safetensors"
+    train(tiny_config(seed=1), out, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hdiag(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The exact normalized-ce Hessian diagonal of ``tiny_checkpoint``."""
+    out = tmp_path_factory.mktemp("hdiag") / "tiny.hdiag.safetensors"
+    compute_hessian_diagonal(tiny_checkpoint, out, loss="normalized-ce", estimator="exact", device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_measures(tiny_checkpoint, tiny_hdiag, tmp_path_factory) -> Path:
+    """``solve-variance`` of ``tiny_checkpoint`` with ``tiny_hdiag``."""
+    out = tmp_path_factory.mktemp("measures") / "tiny.measures.safetensors"
+    solve_variance(tiny_checkpoint, tiny_hdiag, out)
     return out
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import pytest
 import torch
 
 from nfm_cli.artifacts import read_artifact
-from nfm_cli.distributed import TEST_STOP_ENV
 from nfm_cli.hessian import read_hessian_diagonal
+
+pytestmark = pytest.mark.integration   # multi-process: `make test` runs these, `make test-fast` skips them
 
 TIMEOUT = 120
 MARKER = f"nfm-dist-test-{uuid.uuid4().hex}"
@@ -32,19 +34,56 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", TEST_STOP_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     # the same thread count on both sides, so float32 per-batch work rounds the same way
     env.update(OMP_NUM_THREADS="1", NFM_DIST_TEST_MARKER=MARKER, **extra)
     return env
 
 
-def nfm(*args, procs: int = 1, **env: str) -> subprocess.CompletedProcess:
+def _command(args, procs: int) -> list[str]:
     if procs == 1:
-        cmd = [sys.executable, "-m", "nfm_cli", *map(str, args)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nfm_cli", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(**env))
+        return [sys.executable, "-m", "nfm_cli", *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nfm_cli", *map(str, args)]
+
+
+def nfm(*args, procs: int = 1, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(args, procs), capture_output=True, text=True, timeout=TIMEOUT, env=_env(**env))
+
+
+def _units_saved(out: Path) -> int:
+    """Units done in the partial file at ``out`` (0 while there is none or it is being replaced)."""
+    try:
+        progress = read_artifact(out).meta["progress"]
+    except Exception:
+        return 0
+    return 0 if progress.get("done") else int(progress.get("units_done", 0))
+
+
+def kill_after_a_save(args, out: Path, procs: int) -> int:
+    """Run ``nfm ARGS`` over ``procs`` processes and SIGKILL the whole job (torchrun and every rank) as soon
+    as ``out`` appears (its first partial save); returns the units saved in it. Fails if the job finished
+    before the kill: the test is about a kill."""
+    proc = subprocess.Popen(_command(args, procs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and not out.exists():
+            time.sleep(0.001)
+        assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-500:]}"
+        # torchrun starts its ranks in sessions of their own: kill every process of this test's job
+        for pid in [proc.pid, *_marked_processes()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    for _ in range(200):
+        if not _marked_processes():
+            break
+        time.sleep(0.05)
+    return _units_saved(out)
 
 
 def _marked_processes() -> list[int]:
@@ -63,12 +102,9 @@ def _marked_processes() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist") / "ck.safetensors"
-    r = nfm("train", "--dataset", "synthetic", "--width", "16", "--epochs", "1", "--train-size", "128",
-            "--quiet", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+def ckpt(tiny_checkpoint) -> Path:
+    """The session-wide tiny MLP (conftest.py): 128 samples, so 8 batches of 16."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -100,32 +136,41 @@ def test_sharded_exact_diagonal_equals_single_process(single_and_dist):
     assert not _marked_processes()
 
 
-def test_killed_and_resumed_sharded_run_equals_uninterrupted(ckpt, single_and_dist, tmp_path):
-    _, sharded, _ = single_and_dist
-    out = tmp_path / "resumed.safetensors"
-    args = ("hessian-diag", ckpt, "--out", out, "--batch-size", "16", "--device", "cpu", "-q")
-    stopped = nfm(*args, procs=2, **{TEST_STOP_ENV: "3"})
-    assert stopped.returncode != 0
-    partial = read_artifact(out)
-    assert partial.meta["progress"]["done"] is False and partial.meta["progress"]["units_done"] == 4
+# hutchinson, 40 probes over batches of 4: 40 chunks (one probe each, 32 units), 20 rounds of 2, a save after
+# every round (--save-every 0): long enough for the kill to land after a save and before the end
+KILLED_RUN = ("--estimator", "hutchinson", "--probes", "40", "--batch-size", "4", "--device", "cpu", "-q")
+UNITS_PER_ROUND, UNITS_TOTAL = 2 * 32, 40 * 32
+
+
+def test_killed_and_resumed_sharded_run_equals_uninterrupted(ckpt, tmp_path):
+    """A real SIGKILL of the whole torchrun job after a partial save, then the same command: the result
+    equals an uninterrupted run over the same batches and probes (per-unit work identical, only the
+    float64 sums added in another order)."""
+    reference, out = tmp_path / "reference.safetensors", tmp_path / "resumed.safetensors"
+    assert nfm("hessian-diag", ckpt, "--out", reference, *KILLED_RUN).returncode == 0
+    args = ("hessian-diag", ckpt, "--out", out, "--save-every", "0", *KILLED_RUN)
+    saved = kill_after_a_save(args, out, procs=2)
+    assert read_artifact(out).meta["progress"]["done"] is False
+    assert UNITS_PER_ROUND <= saved < UNITS_TOTAL and saved % UNITS_PER_ROUND == 0
     # the same process count continues it (another count works too: see the next test)
     resumed = nfm(*args, procs=2)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = read_hessian_diagonal(sharded), read_hessian_diagonal(out)
+    assert read_artifact(out).meta["progress"]["done"] is True
+    a, b = read_hessian_diagonal(reference), read_hessian_diagonal(out)
     _assert_close(a.diagonal, b.diagonal, 1e-12)
+    _assert_close(a.stderr, b.stderr, 1e-10)
     assert not _marked_processes()
 
 
 @pytest.mark.slow
-def test_sharded_partial_file_continues_with_one_process(ckpt, single_and_dist, tmp_path):
-    single, _, _ = single_and_dist
-    out = tmp_path / "mixed.safetensors"
-    args = ("hessian-diag", ckpt, "--out", out, "--batch-size", "16", "--device", "cpu", "-q")
-    assert nfm(*args, procs=2, **{TEST_STOP_ENV: "5"}).returncode != 0
-    assert read_artifact(out).meta["progress"]["units_done"] == 6
+def test_sharded_partial_file_continues_with_one_process(ckpt, tmp_path):
+    reference, out = tmp_path / "reference.safetensors", tmp_path / "mixed.safetensors"
+    assert nfm("hessian-diag", ckpt, "--out", reference, *KILLED_RUN).returncode == 0
+    args = ("hessian-diag", ckpt, "--out", out, "--save-every", "0", *KILLED_RUN)
+    assert kill_after_a_save(args, out, procs=2) >= UNITS_PER_ROUND
     resumed = nfm(*args)
     assert resumed.returncode == 0, resumed.stderr
-    _assert_close(read_hessian_diagonal(single).diagonal, read_hessian_diagonal(out).diagonal, 1e-6)
+    _assert_close(read_hessian_diagonal(reference).diagonal, read_hessian_diagonal(out).diagonal, 1e-12)
     assert not _marked_processes()
 
 

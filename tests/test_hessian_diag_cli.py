@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import models
-
-from conftest import sha256_of, tiny_config
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.checkpoint import load_checkpoint
 from nfm_cli.errors import NfmError
-from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, load_hessian_diagonal
+from nfm_cli.hessian import auto_batch_size, compute_hessian_diagonal, exact_diagonal, read_hessian_diagonal
 from nfm_cli.training import train
+from tests.conftest import sha256_of, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,13 +30,6 @@ def interrupt_after(units):
         if len(seen) > units:
             raise Interrupt
     return callback
-
-
-@pytest.fixture(scope="module")
-def other_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt2") / "other.safetensors"
-    train(tiny_config(seed=1), out, device="cpu")
-    return out
 
 
 def test_exact_artifact_layout(tiny_checkpoint, tmp_path):
@@ -60,8 +52,9 @@ def test_exact_artifact_layout(tiny_checkpoint, tmp_path):
     x, y = ck.training_tensors()
     reference = exact_diagonal(ck.model, x, y, "ce", batch_size=48)
     assert all(torch.equal(art.tensors[n], reference[n]) for n in params)
-    h, h_art = load_hessian_diagonal(out, ck)
-    assert list(h) == list(params) and h_art.sha256 == sha256_of(out) and h_art.meta["config"]["loss"] == "ce"
+    h = read_hessian_diagonal(out, ck)
+    assert list(h.diagonal) == list(params) and h.sha256 == sha256_of(out) and h.config["loss"] == "ce"
+    assert h.status == "read" and h.checkpoint_sha256 == ck.sha256
 
 
 @pytest.mark.parametrize("estimator,units", [("exact", 1), ("hutchinson", 4), ("finite-diff", 5)])
@@ -79,7 +72,7 @@ def test_interrupted_and_resumed_is_bit_identical(tiny_checkpoint, tmp_path, est
     assert partial.meta["progress"]["done"] is False and partial.meta["progress"]["units_done"] == units
     assert all(name.startswith("state.") for name in partial.tensors)
     with pytest.raises(NfmError, match="unfinished"):
-        load_hessian_diagonal(part, tiny_checkpoint)
+        read_hessian_diagonal(part, tiny_checkpoint)
     # a second interruption, saving after every unit this time
     with pytest.raises(Interrupt):
         compute_hessian_diagonal(tiny_checkpoint, part, progress=interrupt_after(1), save_every_seconds=0,
@@ -124,7 +117,7 @@ def test_another_checkpoint_is_refused(tiny_checkpoint, other_checkpoint, tmp_pa
     out = tmp_path / "h.safetensors"
     compute_hessian_diagonal(tiny_checkpoint, out, device="cpu")
     with pytest.raises(NfmError, match="computed from another checkpoint"):
-        load_hessian_diagonal(out, load_checkpoint(other_checkpoint))
+        read_hessian_diagonal(out, load_checkpoint(other_checkpoint))
     with pytest.raises(NfmError, match="another checkpoint.*--force"):
         compute_hessian_diagonal(other_checkpoint, out, device="cpu")
 
@@ -143,8 +136,8 @@ def test_bad_outputs_and_inputs_are_refused(tiny_checkpoint, tmp_path):
         compute_hessian_diagonal(tiny_checkpoint, junk, device="cpu")
     for kwargs, message in (({"samples": 10_000}, "more than the 128 training samples"),
                             ({"samples": 0}, "at least 1"), ({"estimator": "lanczos"}, "unknown estimator"),
-                            ({"estimator": "hutchinson", "probes": 0}, "--probes must be at least 1"),
-                            ({"batch_size": 0}, "--batch-size")):
+                            ({"estimator": "hutchinson", "probes": 0}, "probes must be at least 1"),
+                            ({"batch_size": 0}, "batch_size must be at least 1")):
         with pytest.raises(NfmError, match=message):
             compute_hessian_diagonal(tiny_checkpoint, tmp_path / "y.safetensors", device="cpu", **kwargs)
 
@@ -175,8 +168,8 @@ def test_cli_writes_the_path_and_fails_in_one_line(tiny_checkpoint, tmp_path, cl
     again = cli("hessian-diag", tiny_checkpoint, "--out", out, "--estimator", "hutchinson", "--probes", "2", "-q")
     assert again.code == 0 and "already complete" in again.err
     bad = cli("hessian-diag", tiny_checkpoint, "--out", out, "--loss", "mse")
-    assert bad.code == 1 and bad.out == ""
-    assert bad.err.strip().count("\n") == 0 and "unknown loss 'mse'" in bad.err
+    assert bad.code == 2 and bad.out == ""       # a usage error, caught by the parser before any work
+    assert bad.err.strip().count("\n") == 0 and "'--loss': 'mse' is not one of 'normalized-ce', 'ce'" in bad.err
     missing = cli("hessian-diag", tmp_path / "nope.safetensors", "--out", tmp_path / "z.safetensors")
     assert missing.code == 1 and "no such file" in missing.err
 

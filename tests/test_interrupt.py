@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from nfm_cli import interrupt
 from nfm_cli.artifacts import read_artifact
+from nfm_cli.errors import NfmError
 from nfm_cli.training import train
 from tests.conftest import tiny_config
 
@@ -145,7 +146,10 @@ def test_checkpoint_is_written_on_the_interval_and_at_the_end(tmp_path, one_thre
 
 def test_negative_save_interval_is_refused(tmp_path, cli):
     res = cli("train", "--dataset", "synthetic", "--save-every", "-1", "--out", tmp_path / "x.safetensors")
-    assert res.code == 1 and "--save-every" in res.err and not (tmp_path / "x.safetensors").exists()
+    assert res.code == 2 and "'--save-every'" in res.err and not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(NfmError, match="save_every must be a number of seconds >= 0"):   # the Python API
+        train(tiny_config(), tmp_path / "x.safetensors", device="cpu", save_every=-1)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_ctrl_c_caught_by_the_cli_framework_still_prints_how_to_resume(tmp_path, cli, monkeypatch):

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch.func import hessian, vmap
 
 from nfm_cli.errors import NfmError
-from nfm_cli.losses import (LOSS_NAMES, degenerate_mask, logit_hessian, mean_loss, normalized_logits,
-                            per_sample_loss, sum_loss)
+from nfm_cli.losses import (
+    LOSS_NAMES,
+    degenerate_mask,
+    logit_hessian,
+    mean_loss,
+    normalized_logits,
+    per_sample_loss,
+    sum_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

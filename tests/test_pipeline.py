@@ -9,12 +9,12 @@ from tests.conftest import sha256_of, tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Tiny trained checkpoints: mlp, lenet, and a WRN-10-1 with BatchNorm, on synthetic data."""
+def trained(tiny_checkpoint, tmp_path_factory):
+    """Tiny trained checkpoints: the session's mlp (conftest.py), a lenet, and a WRN-10-1 with BatchNorm,
+    on synthetic data."""
     folder = tmp_path_factory.mktemp("runs")
-    runs = {}
+    runs = {"mlp": tiny_checkpoint}
     for name, overrides in {
-        "mlp": dict(model="mlp", width=16, epochs=3, train_size=96),
         "lenet": dict(model="lenet", width=None, epochs=2, train_size=64),
         "wrn": dict(model="wrn16-4", width=1, depth=10, epochs=1, train_size=48, batch_size=16),
     }.items():
@@ -36,6 +36,8 @@ def test_measure_json_and_files(cli, trained, tmp_path):
                 "layers", "metrics"):
         assert key in result
     assert result["metrics"]["random_ratio"] == 0.3 and result["metrics"]["model"] == "mlp"
+    from nfm_cli.measure_registry import DIAGNOSTICS, MEASURES, RUN_METRICS
+    assert set(MEASURES) | set(DIAGNOSTICS) <= set(result) and set(RUN_METRICS) <= set(result["metrics"])
     assert result["normalized_sharpness"] <= result["matrix_normalized_sharpness"]
     art = read_artifact(out, "measures")
     assert art.meta["parents"]["checkpoint"] == sha256_of(trained["mlp"])

@@ -12,10 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import nfm_cli.artifacts as artifacts
-from nfm_cli.hessian import compute_hessian_diagonal
-from nfm_cli.pipeline import solve_variance
-from nfm_cli.training import train
-from tests.conftest import sha256_of, tiny_config
+from tests.conftest import sha256_of
 
 TRAIN = ["train", "--dataset", "synthetic", "--width", "16", "--epochs", "2", "--batch-size", "32",
          "--train-size", "128", "--test-size", "64", "--random-ratio", "0.3", "--quiet"]
@@ -41,16 +38,9 @@ def _read(path):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    a, b = root / "a.safetensors", root / "b.safetensors"
-    train(tiny_config(seed=0), a, device="cpu")
-    train(tiny_config(seed=1), b, device="cpu")
-    ha = root / "a.hdiag.safetensors"
-    compute_hessian_diagonal(a, ha, estimator="exact", device="cpu")
-    ma = root / "a.measures.safetensors"
-    solve_variance(a, ha, ma)
-    return {"root": root, "a": a, "b": b, "ha": ha, "ma": ma}
+def run(tiny_checkpoint, other_checkpoint, tiny_hdiag, tiny_measures):
+    """The session-wide chain (conftest.py): a checkpoint, its Hessian and measures, another checkpoint."""
+    return {"a": tiny_checkpoint, "b": other_checkpoint, "ha": tiny_hdiag, "ma": tiny_measures}
 
 
 # ------------------------------------------------------------------------------------------ lineage
@@ -171,11 +161,11 @@ def test_killed_writers_temp_files_are_removed_by_the_next_write(tmp_path):
 # ------------------------------------------------------------------------------ numerical faults
 
 @pytest.fixture(scope="module")
-def nan_checkpoint(run):
+def nan_checkpoint(run, tmp_path_factory):
     tensors, meta = _read(run["a"])
     name = sorted(k for k in tensors if k.startswith("model.") and k.endswith("weight"))[0]
     tensors[name].view(-1)[3] = float("nan")
-    path = run["root"] / "nan.safetensors"
+    path = tmp_path_factory.mktemp("nan") / "nan.safetensors"
     save_file(tensors, str(path), metadata=meta)
     return path, name
 

@@ -20,7 +20,10 @@ every reader; a byte flip inside a metadata value that leaves valid JSON of the 
 so mutations of the sigma tensors do not affect it. Lineage stays strict: a mutated checkpoint
 has another hash, so ``solve-variance`` with the original Hessian must refuse it, always.
 
-The default run uses ~40 mutants per kind (seeded); ``-m slow`` (``make fuzz``) runs thousands.
+Mutants are drawn by hypothesis (``st.randoms``; seeded, so every run sees the same ones): each
+random choice of a mutator is a hypothesis draw, so a failure is shrunk to a minimal mutant (the
+shortest truncation, the first operation) before it is reported. The default run uses 40 mutants per
+kind; ``-m slow`` (``make fuzz``) runs thousands.
 """
 from __future__ import annotations
 
@@ -31,15 +34,12 @@ import random
 import shutil
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from nfm_cli.hessian import compute_hessian_diagonal
-from nfm_cli.pipeline import solve_variance
-from nfm_cli.training import train
-from tests.conftest import tiny_config
 
 KINDS = ("checkpoint", "hessian-diag", "measures")
 
@@ -49,15 +49,9 @@ KINDS = ("checkpoint", "hessian-diag", "measures")
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fuzz-src")
-    ckpt = root / "ckpt.safetensors"
-    train(tiny_config(epochs=2), ckpt, device="cpu")
-    hdiag = root / "hdiag.safetensors"
-    compute_hessian_diagonal(ckpt, hdiag, loss="normalized-ce", estimator="exact", device="cpu")
-    measures = root / "measures.safetensors"
-    solve_variance(ckpt, hdiag, measures)
-    return {"checkpoint": ckpt, "hessian-diag": hdiag, "measures": measures}
+def sources(tiny_checkpoint, tiny_hdiag, tiny_measures) -> dict[str, Path]:
+    """The session-wide chain of valid artifacts (conftest.py); mutants are written elsewhere."""
+    return {"checkpoint": tiny_checkpoint, "hessian-diag": tiny_hdiag, "measures": tiny_measures}
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -306,41 +300,51 @@ def _check(res, before, after, mutant, workdir, must_fail, where, may_change_mut
     return res.code
 
 
-def run_fuzz(cli, sources, tmp_path, kind: str, count: int, seed: int) -> dict:
-    rng = random.Random(f"{seed}-{kind}")
+def fuzz_one(cli, sources, tmp_path, kind: str, rng: random.Random, stats: dict) -> None:
+    """One mutant of ``kind`` through every command reading it; AssertionError on the first failure."""
     workdir = tmp_path / "work"
     outdir = workdir / "out"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    outdir.mkdir(parents=True)
+    mutant = workdir / "mutant.safetensors"
+    name, must = make_mutant(kind, sources[kind], mutant, rng)
+    for cmd_name, template, consumer in commands(kind, sources):
+        argv = [a.replace("{M}", str(mutant)).replace("{OUT}", str(outdir)) for a in template]
+        must_fail = must and (consumer or name in ("empty", "directory", "broken-symlink", "missing")
+                              or name.startswith(("truncate", "append", "length-flip")))
+        if kind == "checkpoint" and cmd_name == "solve-variance":
+            must_fail = True  # lineage: any change to the checkpoint changes its hash
+        if cmd_name in ("hessian-diag-resume", "measure-existing"):
+            # the mutant is the output: refused, or accepted as "already complete" when it still is one
+            must_fail = must and name in ("directory",)
+        try:
+            code = check_one(cli, argv, mutant, workdir, outdir, must_fail, f"{kind} mutant ({name})",
+                             may_change_mutant_on_success=cmd_name in ("hessian-diag-resume", "measure-existing"))
+        except FuzzFailure as failure:
+            if not _known_bug(failure.res.err):
+                raise AssertionError(str(failure).splitlines()[0] + " | " + failure.res.err.strip()[:300]) from None
+            code = -1
+        row = stats.setdefault(cmd_name, {"mutants": 0, "refused": 0, "accepted": 0, "known-bug": 0})
+        row["mutants"] += 1
+        row["known-bug" if code == -1 else "refused" if code else "accepted"] += 1
+        shutil.rmtree(outdir)
+        outdir.mkdir()
+
+
+def run_fuzz(cli, sources, tmp_path, kind: str, count: int, seed: int) -> dict:
+    """``count`` mutants drawn by hypothesis (seeded: the same mutants every run). Every random choice of
+    the mutators comes from hypothesis, so a failing mutant is shrunk to a minimal one before it is shown."""
     stats: dict[str, dict[str, int]] = {}
-    failures: list[str] = []
-    cmds = commands(kind, sources)
-    for i in range(count):
-        if workdir.exists():
-            shutil.rmtree(workdir)
-        outdir.mkdir(parents=True)
-        mutant = workdir / f"mutant-{i}.safetensors"
-        name, must = make_mutant(kind, sources[kind], mutant, rng)
-        for cmd_name, template, consumer in cmds:
-            argv = [a.replace("{M}", str(mutant)).replace("{OUT}", str(outdir)) for a in template]
-            must_fail = must and (consumer or name in ("empty", "directory", "broken-symlink", "missing")
-                                  or name.startswith(("truncate", "append", "length-flip")))
-            if kind == "checkpoint" and cmd_name == "solve-variance":
-                must_fail = True  # lineage: any change to the checkpoint changes its hash
-            if cmd_name in ("hessian-diag-resume", "measure-existing"):
-                # the mutant is the output: refused, or accepted as "already complete" when it still is one
-                must_fail = must and name in ("directory",)
-            try:
-                code = check_one(cli, argv, mutant, workdir, outdir, must_fail, f"{kind} mutant {i} ({name})",
-                                 may_change_mutant_on_success=cmd_name in ("hessian-diag-resume", "measure-existing"))
-            except FuzzFailure as failure:
-                if not _known_bug(failure.res.err):
-                    failures.append(str(failure).splitlines()[0] + " | " + failure.res.err.strip()[:300])
-                code = -1
-            row = stats.setdefault(cmd_name, {"mutants": 0, "refused": 0, "accepted": 0, "known-bug": 0})
-            row["mutants"] += 1
-            row["known-bug" if code == -1 else "refused" if code else "accepted"] += 1
-            shutil.rmtree(outdir)
-            outdir.mkdir()
-    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)
+
+    @hypothesis.seed(seed)
+    @hypothesis.settings(max_examples=count, deadline=None, database=None, derandomize=False,
+                         suppress_health_check=list(hypothesis.HealthCheck), print_blob=False)
+    @hypothesis.given(rng=st.randoms(use_true_random=False))
+    def one(rng):
+        fuzz_one(cli, sources, tmp_path, kind, rng, stats)
+
+    one()
     return stats
 
 

@@ -8,15 +8,17 @@ uninterrupted run bit for bit: every tensor ``torch.equal`` with the same dtype 
 entry equal, except ``nfm.wall_time`` (the seconds spent, which no two runs share). No ``.*.tmp``
 file may remain after the successful rerun.
 
-train and hessian-diag save their partial state every 60 s by default. train's runs here pass
-``--save-every 0`` (a save after every minibatch); to kill hessian-diag between and during partial
-saves, its killed runs go through a launcher that sets ``save_every_seconds=0`` (a save after every
-unit) and then calls the same CLI entry point; the reruns are the plain CLI.
+train, hessian-diag and measure save their partial state every 60 s by default; to kill them between
+and during partial saves, the killed runs and the reruns pass ``--save-every 0`` (a save after every
+minibatch or unit; the save interval does not change the numbers). Every kill must really happen: a
+run that finished before its kill is thrown away (outputs deleted) and started again, at most
+``ATTEMPTS`` times.
 
 The uninterrupted reference is computed in-process with the same core functions the CLI calls
-(same device, same thread count, same arguments). Default run (about a minute): one kill each of
-train, hessian-diag finite-diff and measure (exact); ``-m slow``
-(``make fuzz``): three reruns each interrupted at another moment, for three seeds.
+(same device, same thread count, same arguments). Default run (about a minute, marked
+``integration``: ``make test`` runs it, ``make test-fast`` skips it): one kill each of train,
+hessian-diag finite-diff and measure (exact); ``-m slow`` (``make fuzz``): three reruns each
+interrupted at another moment, for three seeds.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ from nfm_cli.hessian import compute_hessian_diagonal
 from nfm_cli.pipeline import measure_checkpoint
 from nfm_cli.training import TrainConfig, train
 
+pytestmark = pytest.mark.integration
+
 TRAIN_ARGS = ["--dataset", "synthetic", "--width", "16", "--epochs", "6", "--train-size", "256",
               "--test-size", "64", "--random-ratio", "0.3", "--seed", "0", "--quiet", "--save-every", "0"]
 TRAIN_CONFIG = dict(model="mlp", dataset="synthetic", width=16, epochs=6, train_size=256, test_size=64,
@@ -46,14 +50,6 @@ HDIAG_ARGS = {"exact": ["--estimator", "exact"],
               "hutchinson": ["--estimator", "hutchinson", "--probes", "6"],
               "finite-diff": ["--estimator", "finite-diff", "--probes", "6"]}
 BATCH = 32  # small batches: more units, more partial saves to land a kill in
-
-LAUNCH_FREQUENT_SAVES = (
-    "import sys, nfm_cli.hessian.driver as d\n"
-    "kw = d.compute_hessian_diagonal.__kwdefaults__\n"
-    "if 'save_every_seconds' in kw: kw['save_every_seconds'] = 0.0\n"
-    "from nfm_cli.cli import main\n"
-    "main(sys.argv[1:])\n")
-
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
@@ -88,10 +84,9 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return out
 
 
-def run_killed(argv: list[str], folder: Path, rng: random.Random, frequent_saves: bool) -> str:
+def run_killed(argv: list[str], folder: Path, rng: random.Random) -> str:
     """Start the CLI, SIGKILL it at a seeded moment; returns how it was stopped."""
-    launcher = ["-c", LAUNCH_FREQUENT_SAVES] if frequent_saves else ["-m", "nfm_cli"]
-    proc = subprocess.Popen([sys.executable, *launcher, *argv], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "nfm_cli", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     mode = rng.choice(("during-save", "after-first-write", "delay"))
     before = _mtimes(folder)
@@ -142,8 +137,20 @@ def reference(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def _kill_and_finish(argv, folder, rng, kills, frequent_saves=False) -> list[str]:
-    outcomes = [run_killed(argv, folder, rng, frequent_saves) for _ in range(kills)]
+ATTEMPTS = 4
+
+
+def _kill_and_finish(argv, folder, rng, kills) -> list[str]:
+    """``kills`` real SIGKILLs in a row, then a plain rerun; no temp file may remain."""
+    outcomes = []
+    for _ in range(kills):
+        for _attempt in range(ATTEMPTS):
+            outcomes.append(run_killed(argv, folder, rng))
+            if outcomes[-1].endswith(": killed"):
+                break
+            for done in folder.glob("*.safetensors"):   # finished too early: start again from nothing
+                done.unlink()
+        assert outcomes[-1].endswith(": killed"), f"no kill landed in {ATTEMPTS} attempts: {outcomes}"
     rerun(argv)
     assert _tmp_files(folder) == [], f"temp files left after a successful rerun: {_tmp_files(folder)}"
     return outcomes
@@ -161,8 +168,8 @@ def _hdiag(folder, reference, est, seed, kills):
     # the checkpoint must be the reference's (the Hessian records its path and hash)
     out = folder / f"h-{est}.safetensors"
     argv = ["hessian-diag", str(reference["ckpt"]), "--out", str(out), "--batch-size", str(BATCH),
-            *HDIAG_ARGS[est], "--quiet"]
-    outcomes = _kill_and_finish(argv, folder, random.Random(f"hdiag-{est}-{seed}"), kills, frequent_saves=True)
+            *HDIAG_ARGS[est], "--save-every", "0", "--quiet"]
+    outcomes = _kill_and_finish(argv, folder, random.Random(f"hdiag-{est}-{seed}"), kills)
     assert_same_artifact(out, reference["hdiag"][est])
     return outcomes
 
@@ -170,8 +177,8 @@ def _hdiag(folder, reference, est, seed, kills):
 def _measure(folder, reference, seed, kills):
     out = folder / "ref.measures.safetensors"
     argv = ["measure", str(reference["ckpt"]), "--out", str(out), "--estimator", "exact",
-            "--batch-size", str(BATCH), "--json"]
-    outcomes = _kill_and_finish(argv, folder, random.Random(f"measure-{seed}"), kills, frequent_saves=True)
+            "--batch-size", str(BATCH), "--save-every", "0", "--json"]
+    outcomes = _kill_and_finish(argv, folder, random.Random(f"measure-{seed}"), kills)
     got_t, got_m = _load(out)
     want_t, want_m = _load(reference["measures"])
     assert got_m["nfm.result"] == want_m["nfm.result"]  # exact equality of every measure (JSON text)

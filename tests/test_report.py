@@ -13,8 +13,15 @@ from scipy import stats
 
 from nfm_cli.artifacts import write_artifact
 from nfm_cli.errors import NfmError
-from nfm_cli.report import (CSV_COLUMNS, DEFAULT_MEASURES, correlation_table, correlations, load_runs,
-                            minmax_rescale, write_csv)
+from nfm_cli.report import (
+    CSV_COLUMNS,
+    DEFAULT_MEASURES,
+    correlation_table,
+    correlations,
+    load_runs,
+    minmax_rescale,
+    write_csv,
+)
 
 
 def make_result(gap: float | None, ratio: float, model: str = "mlp", dataset: str = "fashion-mnist", seed: int = 0,

@@ -100,8 +100,8 @@ def test_rescale_checkpoint_writes_a_checked_copy(tiny_checkpoint, tmp_path):
     (dict(mode="neuron", alpha=-1.0), "positive"),
     (dict(mode="neuron", random_range=(2.0, 1.0)), "LO <= HI"),
     (dict(mode="bn", alpha=2.0), "no convolution feeding a BatchNorm"),
-    (dict(mode="layer", alpha=2.0, pair=9), "--pair must be in"),
-    (dict(mode="spin", alpha=2.0), "unknown --mode"),
+    (dict(mode="layer", alpha=2.0, pair=9), "pair must be in"),
+    (dict(mode="spin", alpha=2.0), "unknown mode"),
 ])
 def test_impossible_rescale_options(tiny_checkpoint, tmp_path, kwargs, match):
     mode = kwargs.pop("mode")

@@ -12,11 +12,13 @@ import sys
 from typing import Optional
 
 import typer
+import typer._click as typer_click
 from typer._click import exceptions as click_exceptions
 
 from nfm_cli import __version__, distributed, interrupt
 from nfm_cli.errors import NfmError
 
+HELP_OPTIONS = ["-h", "--help"]
 app = typer.Typer(
     name="nfm",
     help="Normalized sharpness (Tsuzuku, Sato & Sugiyama, ICML 2020) of trained networks: "
@@ -25,10 +27,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_OPTIONS},
 )
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+# help panels, listed in workflow order: the three commands most users run, then the single steps
+WORKFLOW, STEPS = "Workflow", "Steps and tools"
 
 
 def _version(value: bool) -> None:
@@ -86,11 +90,22 @@ def _fail_plain(line: str, code: int) -> None:
         sys.exit(code)
 
 
+def _plain_flags(command: typer_click.Command) -> typer_click.Command:
+    """Show flags (``--json``, ``--help``, ...) without a ``<bool>`` type in help: they take no value."""
+    commands = [command, *getattr(command, "commands", {}).values()]
+    for cmd in commands:
+        help_option = cmd.get_help_option(typer_click.Context(cmd, help_option_names=HELP_OPTIONS))
+        for param in [*cmd.params, help_option]:
+            if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+    return command
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``nfm`` script and ``python -m nfm_cli``."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("NFM_DEBUG", "") not in ("", "0")
-    command = typer.main.get_command(app)
+    command = _plain_flags(typer.main.get_command(app))
     if distributed.env_rank() > 0:      # under torchrun only rank 0 prints (errors still go to stderr)
         sys.stdout = open(os.devnull, "w")
         from nfm_cli.cli.render import console
@@ -106,11 +121,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         if debug:
             raise
         _fail(str(err), getattr(err, "exit_code", EXIT_ERROR))
+    except click_exceptions.NoArgsIsHelpError as err:   # bare ``nfm``: the help, not an error
+        typer.echo(err.ctx.get_help())
+        code = 0
     except click_exceptions.UsageError as err:
         if debug:
             raise
         where = f"nfm {err.ctx.info_name} --help" if err.ctx is not None and err.ctx.parent else "nfm --help"
-        _fail(f"{err.format_message()} (see {where})", EXIT_USAGE)
+        message = err.format_message().replace("Value error, ", "")   # typer's validator prefix
+        _fail(f"{message} (see {where})", EXIT_USAGE)
     except click_exceptions.ClickException as err:
         if debug:
             raise
@@ -131,6 +150,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-# Commands register themselves on ``app`` when imported.
-from nfm_cli.cli import inspect_cmd, report_cmd, rescale_cmd, train_cmd  # noqa: E402,F401
-from nfm_cli.cli import hessian_diag_cmd, measure_cmd, sweep_cmd  # noqa: E402,F401
+# Commands register themselves on ``app`` when imported; --help lists them in this (workflow) order.
+from nfm_cli.cli import train_cmd, measure_cmd, report_cmd, sweep_cmd  # noqa: E402,F401,I001
+from nfm_cli.cli import hessian_diag_cmd, solve_variance_cmd, rescale_cmd, inspect_cmd  # noqa: E402,F401,I001

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from nfm_cli.artifacts import describe_artifact
-from nfm_cli.cli import app
+from nfm_cli.cli import STEPS, app
+from nfm_cli.cli.options import Json, flag
 from nfm_cli.cli.render import console, print_json
 
 HISTORY_COLUMNS = ("epoch_loss", "train_loss", "train_acc", "test_loss", "test_acc", "gap")
@@ -18,13 +19,13 @@ COLLAPSED = {"optim.": "optimizer state", "state.": "partial-run state"}  # one 
 SHOWN_TENSORS = 40
 
 
-@app.command("inspect")
+@app.command("inspect", rich_help_panel=STEPS)
 def inspect_command(
-    file: Path = typer.Argument(..., help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
-    layers: bool = typer.Option(False, "--layers", help="Measures files: also the per-layer table."),
-    all_tensors: bool = typer.Option(False, "--all", help=f"List every tensor (default: the first "
-                                     f"{SHOWN_TENSORS}, optimizer state as one line)."),
+    file: Path = typer.Argument(..., metavar="FILE", help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
+    as_json: Json = False,
+    layers: Annotated[bool, flag("--layers", help="Measures files: also the per-layer table.")] = False,
+    all_tensors: Annotated[bool, flag("--all", help=f"List every tensor (default: the first {SHOWN_TENSORS}, "
+                                      "optimizer state as one line).")] = False,
 ) -> None:
     """Show an artifact's kind, config and progress, then what it holds: a checkpoint's per-epoch
     history, a measures file's totals (per-layer with --layers), and the tensors."""

@@ -1,4 +1,4 @@
-"""``nfm solve-variance`` and ``nfm measure``."""
+"""``nfm measure`` and the summary table it shares with ``nfm solve-variance``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +7,35 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from nfm_cli.cli import app
+from nfm_cli.cli import WORKFLOW, app
 from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.options import (
+    DEFAULT_PROBES,
+    FD_SCALE,
+    BatchSize,
+    CheckpointArg,
+    DataDir,
+    Device,
+    Estimator,
+    EstimatorOpt,
+    FiniteDiffScale,
+    Force,
+    Json,
+    MaxIter,
+    Precision,
+    Probes,
+    Quiet,
+    Samples,
+    SaveEvery,
+    Seed,
+    Tol,
+)
 from nfm_cli.cli.render import console, print_json, progress_bar
-from nfm_cli.pipeline import default_measures_path, measure_checkpoint, solve_variance
+from nfm_cli.hessian import SAVE_EVERY_SECONDS
+from nfm_cli.measure_registry import SUMMARY_DIAGNOSTICS, rival_keys, summary_keys
+from nfm_cli.pipeline import default_measures_path, measure_checkpoint
 
-TOTALS = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm",
-          "frobenius_norm_sq", "spectral_norm_product", "clipped_fraction", "pacbayes_flatness",
-          "pacbayes_mag_flatness", "sharpness_worst", "sharpness_mag_worst", "adaptive_sharpness")
+TOTALS = summary_keys() + SUMMARY_DIAGNOSTICS + rival_keys()
 
 
 def _number(value: Any) -> str:
@@ -59,49 +80,44 @@ def render_totals(result: dict[str, Any], title: str) -> None:
         console.print("[yellow]warning: some layers did not converge to --tol; raise --max-iter[/yellow]")
 
 
-@app.command("solve-variance")
-def solve_variance_command(
-    checkpoint: Path = typer.Argument(..., help="The checkpoint the Hessian diagonal was computed from."),
-    hdiag: Path = typer.Argument(..., help="hessian-diag file (normalized-ce for the paper's measures)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Measures file to write."),
-    trace_hdiag: Optional[Path] = typer.Option(None, "--trace-hdiag", help="A second hessian-diag file (e.g. "
-                                               "--loss ce, Sec. 6.2) whose trace is reported; default: HDIAG."),
-    tol: float = typer.Option(1e-10, help="Stop when the relative objective change and optimality residual are below."),
-    max_iter: int = typer.Option(10_000, "--max-iter", help="Iteration cap per layer."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
-    wait: bool = wait_option(),
-) -> None:
-    """Solve problem (17) per weight matrix (lambda = 1/2, h clipped at 0) and compute the rival measures."""
-    with locked(out, wait, "nfm solve-variance"), progress_bar(as_json) as progress:
-        result = solve_variance(checkpoint, hdiag, out, trace_hdiag=trace_hdiag, tol=tol, max_iter=max_iter,
-                                progress=progress)
-    _finish(result, as_json)
+def finish(result, as_json: bool, quiet: bool = False) -> None:
+    """JSON on stdout, or the summary on stderr (unless quiet) and the path on stdout."""
+    if as_json:
+        print_json(dict(result.result, path=str(result.path)))
+        return
+    if not quiet:
+        render_summary(result.result, result.path)
+    typer.echo(str(result.path))
 
 
-@app.command("measure")
+@app.command("measure", rich_help_panel=WORKFLOW)
 def measure_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to measure."),
+    checkpoint: CheckpointArg,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Measures file (default: CKPT's name with "
                                        ".measures.safetensors, next to it)."),
-    estimator: str = typer.Option("exact", help="exact, hutchinson or finite-diff (see hessian-diag)."),
-    samples: Optional[int] = typer.Option(None, help="Seeded subset of the training set (default: all)."),
-    probes: int = typer.Option(100, help="Probes for the stochastic estimators."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (memory vs speed)."),
-    seed: int = typer.Option(0, help="Seed for --samples and probes."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
-    precision: str = typer.Option("float32", help="float32 (as trained) or float64 (slower; rounding-free "
-                                  "comparisons, e.g. invariance checks on deep nets)."),
+    estimator: EstimatorOpt = Estimator("exact"),
+    samples: Samples = None,
+    probes: Probes = DEFAULT_PROBES,
+    batch_size: BatchSize = None,
+    seed: Seed = 0,
+    finite_diff_scale: FiniteDiffScale = FD_SCALE,
+    device: Device = "auto",
+    precision: Precision = typer.Option(Precision("float32"), help="float32 (as trained) or float64 (slower; "
+                                        "rounding-free comparisons, e.g. invariance checks on deep nets)."),
     keep_intermediate: bool = typer.Option(True, "--keep-intermediate/--no-keep-intermediate",
                                            help="Keep the two hessian-diag files next to the output (default), "
                                            "so a killed measure resumes without redoing finished work."),
-    tol: float = typer.Option(1e-10, help="Solver tolerance."),
-    max_iter: int = typer.Option(10_000, "--max-iter", help="Solver iteration cap per layer."),
-    force: bool = typer.Option(False, "--force", help="Recompute even if the outputs exist."),
+    tol: Tol = 1e-10,
+    max_iter: MaxIter = 10_000,
+    data_dir: DataDir = None,
+    save_every: SaveEvery = SAVE_EVERY_SECONDS,
+    force: Force = False,
     rivals: bool = typer.Option(False, "--rivals", help="Also the rival sharpness measures of the literature "
                                 "(PAC-Bayes flatness and its magnitude-aware form, worst-case and magnitude-aware "
                                 "worst-case sharpness, adaptive sharpness; seeded by --seed, on the same samples; "
                                 "see README). Added to an existing measures file without recomputing the rest."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    as_json: Json = False,
+    quiet: Quiet = False,
     wait: bool = wait_option(),
 ) -> None:
     """Normalized sharpness and its rivals of one checkpoint: Hessian diagonals, Fisher-Rao norm, solve.
@@ -110,21 +126,14 @@ def measure_command(
     """
     # one lock for the measures file and its kept Hessian files (named after it)
     lock = locked(out or default_measures_path(checkpoint), wait, "nfm measure")
-    with lock, progress_bar(as_json) as progress:
-        result = measure_checkpoint(checkpoint, out, estimator=estimator, samples=samples, probes=probes,
-                                    batch_size=batch_size, seed=seed, device=device,
-                                    precision=precision, keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter,
-                                    force=force, rivals=rivals, progress=progress)
-    if result.status == "already complete" and not as_json:
+    with lock, progress_bar(quiet or as_json) as progress:
+        result = measure_checkpoint(checkpoint, out, estimator=estimator.value, samples=samples, probes=probes,
+                                    batch_size=batch_size, seed=seed, device=device, precision=precision.value,
+                                    keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter, force=force,
+                                    rivals=rivals, finite_diff_scale=finite_diff_scale, data_dir=data_dir,
+                                    save_every_seconds=save_every, progress=progress)
+    if result.status == "already complete" and not as_json and not quiet:
         console.print(f"{result.path}: already complete; use --force to recompute")
-    elif result.status == "rivals added" and not as_json:
+    elif result.status == "rivals added" and not as_json and not quiet:
         console.print(f"{result.path}: rival measures added")
-    _finish(result, as_json)
-
-
-def _finish(result, as_json: bool) -> None:
-    if as_json:
-        print_json(dict(result.result, path=str(result.path)))
-        return
-    render_summary(result.result, result.path)
-    typer.echo(str(result.path))
+    finish(result, as_json, quiet)

@@ -10,10 +10,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nfm_cli.cli import app
+from nfm_cli.cli import WORKFLOW, app
+from nfm_cli.cli.options import Json, Quiet
 from nfm_cli.cli.render import console, plural, print_json, progress_bar
-from nfm_cli.report import (DEFAULT_GROUP_BY, DEFAULT_MEASURES, add_protocol, check_group_by, check_names,
-                            check_outputs, correlation_table, group_runs, load_runs, write_csv)
+from nfm_cli.report import (
+    DEFAULT_GROUP_BY,
+    DEFAULT_MEASURES,
+    add_protocol,
+    check_group_by,
+    check_names,
+    check_outputs,
+    correlation_table,
+    group_runs,
+    load_runs,
+    write_csv,
+)
 
 
 def _cell(value: float) -> str:
@@ -28,9 +39,9 @@ def _split(values: Optional[list[str]]) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part.strip()]
 
 
-@app.command("report")
+@app.command("report", rich_help_panel=WORKFLOW)
 def report_command(
-    files: list[Path] = typer.Argument(..., help="Measures files (from `nfm measure` / `nfm solve-variance`); "
+    files: list[Path] = typer.Argument(..., metavar="FILES...", help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
     x: Optional[list[str]] = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
                                           f"Default: {','.join(DEFAULT_MEASURES)}."),
@@ -43,7 +54,7 @@ def report_command(
     log_x: bool = typer.Option(False, "--log-x", help="Plot each measure's own values on a log x axis "
                                "(runs with values <= 0 are left out and counted in the label)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+    as_json: Json = False,
     group_by: str = typer.Option(",".join(DEFAULT_GROUP_BY), "--group-by",
                                  help="Comma-separated run fields to split groups by (model, dataset, seed, "
                                  "train_size, epochs), or 'none' for one group."),
@@ -51,15 +62,17 @@ def report_command(
                                   "and Dziugaite et al. 2020 do over a hyperparameter grid: Kendall tau, granulated "
                                   "Kendall per axis (the config fields that vary, seed excluded), CMI score, robust "
                                   "sign error (max, 90th percentile); see README."),
-    bootstrap: int = typer.Option(200, "--bootstrap", help="With --protocol: bootstrap replicates over seeds for "
-                                  "the 95% intervals (when the runs have several seeds; 0: none)."),
+    bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="With --protocol: bootstrap replicates over "
+                                  "seeds for the 95% intervals (when the runs have several seeds; 0: none)."),
     per_run: bool = typer.Option(False, "--runs", help="Print one row per run (random-label ratio, accuracies, "
                                  "gap and the --x measures) instead of the correlations; with --json, add them."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
-    """Correlate each flatness measure with the generalization gap over many runs (Pearson r,
-    Spearman rho, Kendall tau per group), optionally with scatter plots like the paper's Figures 1, 3, 4
-    and the hyperparameter-grid scores of the generalization-measure literature (--protocol)."""
+    """Correlate each flatness measure with the generalization gap over many runs.
+
+    Pearson r, Spearman rho and Kendall tau per group, optionally with scatter plots like the paper's
+    Figures 1, 3 and 4, and the hyperparameter-grid scores of the generalization-measure literature
+    (--protocol)."""
     y = y.strip().replace("-", "_")
     measures = check_names(_split(x) or list(DEFAULT_MEASURES), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")

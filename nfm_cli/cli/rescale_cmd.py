@@ -6,17 +6,18 @@ from typing import Optional
 
 import typer
 
-from nfm_cli.cli import app
+from nfm_cli.cli import STEPS, app
 from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.options import CheckpointArg, DataDir, Mode
 from nfm_cli.cli.render import console
 from nfm_cli.rescale import rescale_checkpoint
 
 
-@app.command("rescale")
+@app.command("rescale", rich_help_panel=STEPS)
 def rescale_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to rescale (left unchanged)."),
+    checkpoint: CheckpointArg,
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the rescaled checkpoint."),
-    mode: str = typer.Option(..., help="layer (Dinh et al.: alpha W_k, W_k+1 / alpha), neuron (Sec. 5.1: "
+    mode: Mode = typer.Option(..., help="layer (Dinh et al.: alpha W_k, W_k+1 / alpha), neuron (Sec. 5.1: "
                              "row i / alpha_i, column i * alpha_i, every hidden unit) or bn (conv feeding "
                              "BatchNorm, running statistics adjusted)."),
     alpha: Optional[float] = typer.Option(None, help="One factor for everything touched."),
@@ -24,16 +25,16 @@ def rescale_command(
                                                                "unit/channel uniformly from [LO, HI]."),
     seed: int = typer.Option(0, help="Seed for --random-range."),
     pair: int = typer.Option(0, help="--mode layer: which pair of ReLU-joined weight layers (0 = first)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset folder, if not where training found it."),
+    data_dir: DataDir = None,
     wait: bool = wait_option(),
 ) -> None:
     """Write a function-preserving rescaled copy of a checkpoint, checked on a batch of training inputs.
 
-    Normalized and matrix-normalized sharpness must not change; the Hessian trace and weight norms do.
+    The input checkpoint is left unchanged. Normalized and matrix-normalized sharpness must not change; the Hessian trace and weight norms do.
     """
     with locked(out, wait, "nfm rescale"):
-        result = rescale_checkpoint(checkpoint, out, mode, alpha=alpha, random_range=random_range, seed=seed,
-                                    pair=pair, data_dir=data_dir)
-    console.print(f"rescaled {len(result.touched)} layers ({mode}); outputs unchanged up to max abs diff "
+        result = rescale_checkpoint(checkpoint, out, mode.value, alpha=alpha, random_range=random_range,
+                                    seed=seed, pair=pair, data_dir=data_dir)
+    console.print(f"rescaled {len(result.touched)} layers ({mode.value}); outputs unchanged up to max abs diff "
                   f"{result.max_abs_diff:.3g} (logits up to {result.max_abs_logit:.3g})")
     typer.echo(str(result.path))

@@ -6,13 +6,13 @@ from typing import Optional
 
 import typer
 
-from nfm_cli.cli import app
+from nfm_cli.cli import WORKFLOW, app
 from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.errors import NfmError
 from nfm_cli.sweep import command_line, describe, expand, parse_grid_args, read_grid_file, run_all, run_one
 
 
-@app.command("sweep")
+@app.command("sweep", rich_help_panel=WORKFLOW)
 def sweep_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the runs' checkpoints and measures files "
                              "(created if missing)."),

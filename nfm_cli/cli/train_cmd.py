@@ -2,49 +2,55 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from nfm_cli.cli import app
+from nfm_cli.cli import WORKFLOW, app
 from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.options import Dataset, Device, Force, Model, Optimizer, Quiet, flag, positive
 from nfm_cli.cli.render import console, progress_bar
 from nfm_cli.training import DIVERGENCE_FACTOR, TrainConfig, train
 
 
-@app.command("train")
+@app.command("train", rich_help_panel=WORKFLOW)
 def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (safetensors). An incomplete one "
                              "with the same config is resumed; a complete one is left alone."),
-    model: str = typer.Option("mlp", help="Model from the registry: mlp, lenet, wrn16-4."),
-    dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, cifar10 or synthetic."),
-    random_ratio: float = typer.Option(0.0, "--random-ratio", help="Fraction of training labels replaced by "
-                                       "uniformly random ones (Sec. 6.1), in [0, 1]."),
-    epochs: int = typer.Option(50, help="Epochs to train (Appendix E: 50 on MNIST)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Minibatch size."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
-    optimizer: str = typer.Option("adam", help="adam (default betas; the paper's Appendix E) or sgd."),
-    momentum: float = typer.Option(0.0, help="SGD momentum in [0, 1) (sgd only; e.g. 0.9)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 weight decay added to the gradient "
-                                       "(torch.optim's weight_decay; default none, as in the paper)."),
-    stop_at_loss: Optional[float] = typer.Option(None, "--stop-at-loss", help="Stop after the first epoch whose "
-                                                 "training cross-entropy is at most this (e.g. 0.01, Jiang et al. "
-                                                 "2020); --epochs stays the cap."),
+    model: Model = typer.Option(Model("mlp"), help="Model from the registry."),
+    dataset: Dataset = typer.Option(Dataset("fashion-mnist"), help="Dataset (synthetic: a small seeded set made "
+                                    "in code)."),
+    random_ratio: float = typer.Option(0.0, "--random-ratio", min=0.0, max=1.0, help="Fraction of training "
+                                       "labels replaced by uniformly random ones (Sec. 6.1)."),
+    epochs: int = typer.Option(50, min=1, help="Epochs to train (Appendix E: 50 on MNIST)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Minibatch size."),
+    lr: float = typer.Option(1e-3, callback=positive, help="Learning rate."),
+    optimizer: Optimizer = typer.Option(Optimizer("adam"), help="adam (default betas; the paper's Appendix E) or "
+                                        "sgd."),
+    momentum: float = typer.Option(0.0, min=0.0, help="SGD momentum in [0, 1) (sgd only; e.g. 0.9)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="L2 weight decay added to the "
+                                       "gradient (torch.optim's weight_decay; default none, as in the paper)."),
+    stop_at_loss: Optional[float] = typer.Option(None, "--stop-at-loss", min=0.0, help="Stop after the first "
+                                                 "epoch whose training cross-entropy is at most this (e.g. 0.01, "
+                                                 "Jiang et al. 2020); --epochs stays the cap."),
     seed: int = typer.Option(0, help="Seed for init, subset, random labels and shuffling."),
-    width: Optional[int] = typer.Option(None, help="mlp: hidden width (default 512); wrn16-4: width factor k (4)."),
-    depth: Optional[int] = typer.Option(None, help="mlp: hidden layers (default 3); wrn16-4: depth 6n+4 (16)."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", help="Seeded subset of the training split."),
-    test_size: Optional[int] = typer.Option(None, "--test-size", help="Seeded subset of the test split for "
-                                            "the test accuracy (default: all)."),
+    width: Optional[int] = typer.Option(None, min=1, help="mlp: hidden width (default 512); wrn16-4: width "
+                                        "factor k (4)."),
+    depth: Optional[int] = typer.Option(None, min=1, help="mlp: hidden layers (default 3); wrn16-4: depth 6n+4 "
+                                        "(16)."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Seeded subset of the training "
+                                             "split."),
+    test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="Seeded subset of the test split "
+                                            "for the test accuracy (default: all)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the dataset files (searched "
                                             "before $NFM_DATA and /usr/share/datasets/<name>)."),
-    download: bool = typer.Option(False, "--download", help="Allow torchvision to download the dataset."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
-    save_every: float = typer.Option(60.0, "--save-every", metavar="SECONDS", help="Write the checkpoint at most "
-                                     "this often (and at the end, and on Ctrl-C or SIGTERM); 0 saves after every "
-                                     "minibatch. Resuming is bit-identical whenever it was saved."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint at --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    download: Annotated[bool, flag("--download", help="Allow torchvision to download the dataset.")] = False,
+    device: Device = "auto",
+    save_every: float = typer.Option(60.0, "--save-every", min=0.0, metavar="SECONDS", help="Write the checkpoint "
+                                     "at most this often (and at the end, and on Ctrl-C or SIGTERM); 0 saves after "
+                                     "every minibatch. Resuming is bit-identical whenever it was saved."),
+    force: Force = False,
+    quiet: Quiet = False,
     wait: bool = wait_option(),
 ) -> None:
     """Train a model with part of the labels randomized (Sec. 6.1, Appendix E), checkpointing as it goes.
@@ -53,9 +59,10 @@ def train_command(
     the same command to continue exactly where it stopped.
     Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
     """
-    config = TrainConfig(model=model, dataset=dataset, width=width, depth=depth, random_ratio=random_ratio, epochs=epochs,
-                         batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                         weight_decay=weight_decay, stop_at_loss=stop_at_loss, seed=seed, train_size=train_size, test_size=test_size,
+    config = TrainConfig(model=model.value, dataset=dataset.value, width=width, depth=depth,
+                         random_ratio=random_ratio, epochs=epochs, batch_size=batch_size, lr=lr,
+                         optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay,
+                         stop_at_loss=stop_at_loss, seed=seed, train_size=train_size, test_size=test_size,
                          data_dir=str(data_dir) if data_dir else None)
     with locked(out, wait, "nfm train"), progress_bar(quiet) as progress:
         result = train(config, out, device=device, force=force, download=download, progress=progress,

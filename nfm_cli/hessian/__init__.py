@@ -6,15 +6,29 @@
 * ``estimators.py``: each estimator as a resumable sequence of work units with float64 state.
 * ``driver.py``: the file-backed, resumable run (``nfm hessian-diag``) and reading its result back.
 """
-from nfm_cli.hessian.driver import (DEFAULT_PROBES, KIND, HessianDiagonal, HessianResult, auto_batch_size,
-                                    check_hessian_options, compute_hessian_diagonal, load_hessian_diagonal, read_hessian_diagonal)
+from nfm_cli.hessian.driver import (
+    DEFAULT_PROBES,
+    KIND,
+    SAVE_EVERY_SECONDS,
+    HessianDiagonal,
+    HessianResult,
+    auto_batch_size,
+    check_hessian_options,
+    compute_hessian_diagonal,
+    read_hessian_diagonal,
+)
 from nfm_cli.hessian.estimators import ESTIMATORS, DiagonalEstimate, estimate_diagonal
-from nfm_cli.hessian.exact import (PIECEWISE_LINEAR_LEAVES, RULES, check_exact_supported, exact_diagonal,
-                                   exact_diagonal_batch)
+from nfm_cli.hessian.exact import (
+    PIECEWISE_LINEAR_LEAVES,
+    RULES,
+    check_exact_supported,
+    exact_diagonal,
+    exact_diagonal_batch,
+)
 from nfm_cli.hessian.stochastic import FD_SCALE, finite_difference_radii
 
 __all__ = ["auto_batch_size", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "KIND", "PIECEWISE_LINEAR_LEAVES",
-           "RULES", "DiagonalEstimate", "HessianDiagonal", "HessianResult", "check_exact_supported",
-           "check_hessian_options",
+           "RULES", "SAVE_EVERY_SECONDS", "DiagonalEstimate", "HessianDiagonal", "HessianResult",
+           "check_exact_supported", "check_hessian_options",
            "compute_hessian_diagonal", "estimate_diagonal", "exact_diagonal", "exact_diagonal_batch",
-           "finite_difference_radii", "load_hessian_diagonal", "read_hessian_diagonal"]
+           "finite_difference_radii", "read_hessian_diagonal"]

@@ -43,6 +43,7 @@ import torch
 
 from nfm_cli import distributed, interrupt
 from nfm_cli.artifacts import Artifact, read_artifact, write_artifact
+from nfm_cli.checkpoint import Checkpoint, load_checkpoint
 from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
@@ -67,8 +68,9 @@ FD_RULE = "r_t = scale * rms(theta_t) = scale * ||theta_t||_F / sqrt(numel); all
 
 
 @dataclass
-class HessianResult:
-    """What ``compute_hessian_diagonal`` did: status is "computed", "resumed" or "already complete"."""
+class HessianDiagonal:
+    """A complete Hessian diagonal: what ``compute_hessian_diagonal`` returns (``status`` "computed",
+    "resumed" or "already complete") and what ``read_hessian_diagonal`` returns for a file ("read")."""
 
     path: Path
     status: str
@@ -79,33 +81,22 @@ class HessianResult:
     wall_time: float = 0.0
     sha256: str = ""
     checkpoint_sha256: str = ""
+    artifact: Artifact | None = None    # the file as read (``read_hessian_diagonal`` and "already complete")
 
 
-@dataclass
-class HessianDiagonal:
-    """A validated, complete hessian-diag file."""
-
-    path: Path
-    diagonal: dict[str, torch.Tensor]
-    stderr: dict[str, torch.Tensor]
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    checkpoint_sha256: str
-    sha256: str
-    wall_time: float
-    artifact: Artifact
+HessianResult = HessianDiagonal   # the name compute_hessian_diagonal's result had before
 
 
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
 
-def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: str = "normalized-ce",
-                             estimator: str = "exact", probes: int | None = None, samples: int | None = None,
-                             batch_size: int | None = None, seed: int = 0, device: str = "auto",
-                             force: bool = False, finite_diff_scale: float = FD_SCALE,
+def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: str | os.PathLike, *,
+                             loss: str = "normalized-ce", estimator: str = "exact", probes: int | None = None,
+                             samples: int | None = None, batch_size: int | None = None, seed: int = 0,
+                             device: str = "auto", force: bool = False, finite_diff_scale: float = FD_SCALE,
                              progress: ProgressFn = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
-                             data_dir: str | os.PathLike | None = None) -> HessianResult:
+                             data_dir: str | os.PathLike | None = None) -> HessianDiagonal:
     """Diagonal of the Hessian of the mean training loss of ``checkpoint`` (a path or a loaded
     ``Checkpoint``), written to ``out``; resumes a partial ``out`` and leaves a complete one alone.
 
@@ -115,40 +106,19 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     """
     probes = check_hessian_options(loss=loss, estimator=estimator, probes=probes, samples=samples,
                                    batch_size=batch_size, finite_diff_scale=finite_diff_scale)
-    out = Path(out)
-    if out.is_dir():
-        raise NfmError("output path is a directory; give a file name such as hdiag.safetensors", out)
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise NfmError(f"output folder {str(out.parent)!r} does not exist; create it first", out)
-
-    ck = _load_checkpoint(checkpoint, data_dir)
-    ck_path = Path(getattr(ck, "path", "") or "")
-    if str(ck_path) and out.exists() and ck_path.exists() and os.path.samefile(out, ck_path):
-        raise NfmError("--out is the checkpoint itself; choose another output file", out)
-    if not ck.complete:
-        done = (getattr(ck, "progress", {}) or {}).get("epochs_done", "?")
-        total = (getattr(ck, "config", {}) or {}).get("epochs", "?")
-        raise NfmError(f"checkpoint is from an unfinished training run ({done} of {total} epochs); finish "
-                       "it by rerunning the same nfm train command first", ck_path or None)
+    out = _check_output(out)
+    ck = _complete_checkpoint(checkpoint, data_dir, out)
     model = ck.model
     model.eval()
     if estimator == "exact":
         check_exact_supported(model)
-    dev = resolve_device(device)
-    ctx, dev = distributed.setup(dev)       # world size 1 (no-op) without torchrun
+    ctx, dev = distributed.setup(resolve_device(device))    # world size 1 (no-op) without torchrun
     if not ctx.is_main:
         progress = None                     # rank 0 reports the global count
 
     x_all, y_all = ck.training_tensors(device="cpu")
     n_total = len(y_all)
-    if samples is not None:
-        samples = int(samples)
-        if samples < 1:
-            raise NfmError(f"--samples must be at least 1, not {samples}")
-        if samples > n_total:
-            raise NfmError(f"--samples {samples} is more than the {n_total} training samples of the checkpoint; "
-                           "leave it out to use all of them")
-    use = n_total if samples is None else samples
+    use = _sample_count(samples, n_total)
     if batch_size is None:          # a partial run keeps its batch size, whatever memory is free now
         batch_size = _partial_batch_size(out, force) or auto_batch_size(model, x_all[:1], estimator, use, dev)
         if ctx.active:              # ranks see different free memory: all take the smallest
@@ -163,22 +133,62 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     previous = None if force or not out.exists() else _previous_run(out, config, ck.sha256)
     if previous is not None and previous.meta["progress"].get("done"):
         done = _as_hessian_diagonal(previous)
-        return HessianResult(out, "already complete", previous.meta["config"], done.diagonal, done.stderr,
-                             done.metrics, done.wall_time, previous.sha256, ck.sha256)
+        done.status = "already complete"
+        return done
 
     idx = subset_indices(n_total, use, seed, "hessian-samples")
     x, y = x_all[idx].to(dev), y_all[idx].to(dev)
     model.to(dev)
     est = make_estimator(estimator, model, x, y, loss, batch_size=batch_size, probes=probes, seed=int(seed),
                          finite_diff_scale=finite_diff_scale, progress=progress)
+    source = {"checkpoint": str(ck.path), "model": ck.model_spec.get("name"), "device": str(dev)}
+    meta_base = {"config": config, "parents": {"checkpoint": ck.sha256}, "source": source}
+    return _run_and_write(ctx, est, previous, out, meta_base, ck, save_every_seconds, progress)
+
+
+def _check_output(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise NfmError("output path is a directory; give a file name such as hdiag.safetensors", out)
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise NfmError(f"output folder {str(out.parent)!r} does not exist; create it first", out)
+    return out
+
+
+def _complete_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir, out: Path) -> Checkpoint:
+    """The loaded checkpoint of a finished training run that is not ``out`` itself."""
+    ck = _load_checkpoint(checkpoint, data_dir)
+    if out.exists() and ck.path.exists() and os.path.samefile(out, ck.path):
+        raise NfmError("the output is the checkpoint itself; choose another output file", out)
+    if not ck.complete:
+        done = ck.progress.get("epochs_done", "?")
+        total = ck.config.get("epochs", "?")
+        raise NfmError(f"checkpoint is from an unfinished training run ({done} of {total} epochs); finish "
+                       "it by rerunning the same nfm train command first", ck.path)
+    return ck
+
+
+def _sample_count(samples: int | None, n_total: int) -> int:
+    if samples is None:
+        return n_total
+    samples = int(samples)
+    if samples < 1:
+        raise NfmError(f"samples must be at least 1, not {samples}")
+    if samples > n_total:
+        raise NfmError(f"samples={samples} is more than the {n_total} training samples of the checkpoint; "
+                       "leave it out to use all of them")
+    return samples
+
+
+def _run_and_write(ctx: distributed.Dist, est: Estimator, previous: Artifact | None, out: Path,
+                   meta_base: dict[str, Any], ck: Checkpoint, save_every_seconds: float,
+                   progress: ProgressFn) -> HessianDiagonal:
+    """Run the estimator's units from where ``previous`` (a partial file, or None) stopped, saving as it
+    goes, and write the complete file (rank 0)."""
     state = est.initial_state()
     start, wall_before = 0, 0.0
     if previous is not None:
         start, wall_before = _restore(previous, est, state, out)
-    source = {"checkpoint": str(ck_path) if str(ck_path) else None,
-              "model": (getattr(ck, "model_spec", None) or {}).get("name"), "device": str(dev)}
-    meta_base = {"config": config, "parents": {"checkpoint": ck.sha256}, "source": source}
-
     t0 = time.perf_counter()
 
     def save_partial(units: int, values: dict[str, torch.Tensor]) -> str:
@@ -197,9 +207,9 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
     if not all(bool(torch.isfinite(d).all()) for d in result.diagonal.values()):
         if (getattr(ck, "metrics", None) or {}).get("diverged"):
             raise NfmError("the Hessian diagonal came out NaN or inf: training diverged (see nfm inspect); "
-                           "retrain with a smaller --lr", ck_path or None)
+                           "retrain with a smaller learning rate", ck.path)
         raise NfmError("the Hessian diagonal came out NaN or inf (weights too large for the float "
-                       "precision? try --device cpu with a float64 copy, or check the checkpoint)", ck_path or None)
+                       "precision? try --device cpu with a float64 copy, or check the checkpoint)", ck.path)
     wall = wall_before + time.perf_counter() - t0
     metrics = dict(result.metrics, parameters=sum(d.numel() for d in result.diagonal.values()))
     diagonal = {n: d.cpu() for n, d in result.diagonal.items()}
@@ -212,27 +222,27 @@ def compute_hessian_diagonal(checkpoint: Any, out: str | os.PathLike, *, loss: s
                                                       metrics=metrics, wall_time=wall))
     if ctx.active:
         distributed.barrier(ctx)            # the file exists for every rank once this returns
-    return HessianResult(out, "resumed" if start > 0 else "computed", config, diagonal, stderr, metrics,
-                         wall, sha, ck.sha256)
+    return HessianDiagonal(out, "resumed" if start > 0 else "computed", meta_base["config"], diagonal, stderr,
+                           metrics, wall, sha, ck.sha256)
 
 
 def check_hessian_options(*, loss: str = "normalized-ce", estimator: str = "exact", probes: int | None = None,
                           samples: int | None = None, batch_size: int | None = None,
                           finite_diff_scale: float = FD_SCALE) -> int | None:
-    """Refuse bad options before any work; returns the probe count to use (None for exact)."""
+    """Refuse impossible options before any work; returns the probe count to use (None for exact)."""
     _check_choice(loss, LOSS_NAMES, "loss")
     _check_choice(estimator, ESTIMATORS, "estimator")
     if batch_size is not None and int(batch_size) < 1:
-        raise NfmError(f"--batch-size must be at least 1, not {batch_size}")
+        raise NfmError(f"batch_size must be at least 1, not {batch_size}")
     if samples is not None and int(samples) < 1:
-        raise NfmError(f"--samples must be at least 1, not {samples}")
+        raise NfmError(f"samples must be at least 1, not {samples}")
     if estimator == "finite-diff" and not (finite_diff_scale > 0 and math.isfinite(finite_diff_scale)):
-        raise NfmError(f"--finite-diff-scale must be a positive number, not {finite_diff_scale}")
+        raise NfmError(f"finite_diff_scale must be a positive number, not {finite_diff_scale}")
     if estimator == "exact":
         return None             # exact has no probes: the option is ignored
     probes = DEFAULT_PROBES if probes is None else int(probes)
     if probes < 1:
-        raise NfmError(f"--probes must be at least 1, not {probes}")
+        raise NfmError(f"probes must be at least 1, not {probes}")
     return probes
 
 
@@ -270,17 +280,23 @@ def auto_batch_size(model: torch.nn.Module, example: torch.Tensor, estimator: st
     return min(samples, 1 << (int(fits).bit_length() - 1))
 
 
-def read_hessian_diagonal(path: str | os.PathLike, checkpoint: Any = None) -> HessianDiagonal:
-    """Read a complete hessian-diag file; with ``checkpoint`` (path or ``Checkpoint``), also check that it
-    was computed from that checkpoint and that its tensors match the model's parameters."""
+def read_hessian_diagonal(path: str | os.PathLike,
+                          checkpoint: Checkpoint | str | os.PathLike | None = None) -> HessianDiagonal:
+    """A complete hessian-diag file (``config``: loss, estimator, ...; ``sha256``: the content hash to record
+    as a parent); with ``checkpoint`` (path or ``Checkpoint``), also checks that it was computed from that
+    checkpoint and that its tensors match the model's parameters (then ``diagonal`` is in parameter order).
+
+    Raises ``NfmError`` if the file is incomplete, from another checkpoint ("computed from another
+    checkpoint"), has missing/misshaped tensors, or holds NaN/inf.
+    """
     art = read_artifact(path, KIND)
     result = _as_hessian_diagonal(art)
     if checkpoint is not None:
         ck = _load_checkpoint(checkpoint, None)
         if result.checkpoint_sha256 != ck.sha256:
             raise NfmError(f"was computed from another checkpoint (sha256 {result.checkpoint_sha256[:12]}..., "
-                           f"{getattr(ck, 'path', 'this checkpoint')} is {ck.sha256[:12]}...); "
-                           "compute it for this checkpoint with nfm hessian-diag", art.path)
+                           f"{ck.path} is {ck.sha256[:12]}...); compute it for this checkpoint with "
+                           "nfm hessian-diag", art.path)
         params = dict(ck.model.named_parameters())
         missing = [n for n in params if n not in result.diagonal]
         extra = [n for n in result.diagonal if n not in params]
@@ -293,18 +309,6 @@ def read_hessian_diagonal(path: str | os.PathLike, checkpoint: Any = None) -> He
                                f"has {tuple(p.shape)}", art.path)
         result.diagonal = {n: result.diagonal[n] for n in params}
     return result
-
-
-def load_hessian_diagonal(path: str | os.PathLike, checkpoint: Any) -> tuple[dict[str, torch.Tensor], Artifact]:
-    """({parameter name: float64 diagonal}, the file's ``Artifact``) of a complete hessian-diag file
-    computed from ``checkpoint`` (a path or a loaded ``Checkpoint``); the artifact gives the config
-    (``meta["config"]["loss"]``, ...) and the content hash (``sha256``) to record as a parent.
-
-    Raises ``NfmError`` if the file is incomplete, from another checkpoint ("computed from another
-    checkpoint"), has missing/misshaped tensors, or holds NaN/inf.
-    """
-    result = read_hessian_diagonal(path, checkpoint)
-    return result.diagonal, result.artifact
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +380,6 @@ def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.T
         for unit in range(start, lead_end):
             est.run_unit(unit, state)
     scratch = tuple(est.scratch_prefixes)
-    stop_after = distributed.stop_hook_units()
     last_save = time.monotonic()
     c = lead_end // chunk
     units_done = lead_end
@@ -389,18 +392,15 @@ def _run_sharded(ctx: distributed.Dist, est: Estimator, state: dict[str, torch.T
                     est.run_unit(unit, state)
             c = min(n_chunks, c + ctx.world)
             units_done = min(est.units_total, c * chunk)
-            hook = stop_after is not None and units_done >= stop_after
             due = ctx.is_main and time.monotonic() - last_save >= save_every_seconds
-            # one collective per round: save now? (rank 0's clock, the test hook) and the largest signal seen
-            save, signum = distributed.max_ints(ctx, [int(due or hook), interrupt.pending() or 0])
+            # one collective per round: save now? (rank 0's clock) and the largest signal seen
+            save, signum = distributed.max_ints(ctx, [int(due), interrupt.pending() or 0])
             if (save and units_done < est.units_total) or signum:
                 saved = _save_round(ctx, state, scratch, units_done, save_partial)
                 last_save = time.monotonic()
                 if signum:
                     interrupt.take()
                     raise interrupt.Interrupted(signum, saved=saved)
-                if hook:
-                    raise KeyboardInterrupt(f"{distributed.TEST_STOP_ENV} reached")
             _report(progress, est, units_done)
     distributed.all_reduce_sum(ctx, list(state.values()))
     return est.units_total
@@ -428,11 +428,10 @@ def _check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
         raise NfmError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
-def _load_checkpoint(checkpoint: Any, data_dir):
-    if isinstance(checkpoint, (str, os.PathLike)):
-        from nfm_cli.checkpoint import load_checkpoint
-        return load_checkpoint(checkpoint, data_dir) if data_dir else load_checkpoint(checkpoint)
-    return checkpoint
+def _load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir) -> Checkpoint:
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    return load_checkpoint(checkpoint, data_dir) if data_dir else load_checkpoint(checkpoint)
 
 
 def _progress(est: Estimator, units_done: int, done: bool) -> dict[str, Any]:
@@ -536,5 +535,6 @@ def _as_hessian_diagonal(art: Artifact) -> HessianDiagonal:
             diagonal[name] = tensor.to(torch.float64)
     if not diagonal:
         raise NfmError("holds no Hessian diagonal tensors", art.path)
-    return HessianDiagonal(art.path, diagonal, stderr, art.meta.get("config") or {}, art.meta.get("metrics") or {},
-                           parent, art.sha256, float(art.meta.get("wall_time") or 0.0), art)
+    return HessianDiagonal(art.path, "read", art.meta.get("config") or {}, diagonal, stderr,
+                           art.meta.get("metrics") or {}, float(art.meta.get("wall_time") or 0.0), art.sha256, parent,
+                           art)

@@ -25,8 +25,15 @@ from torch import nn
 
 from nfm_cli.hessian.exact import BatchDiagonal, exact_diagonal_batch, parameterised_layers
 from nfm_cli.hessian.split import SubBatches, add_dicts, combine_with_logits
-from nfm_cli.hessian.stochastic import (FD_SCALE, finite_difference_radii, gaussian_probe, gradient_sum,
-                                        hessian_vector_sum, model_parameters, rademacher_probe)
+from nfm_cli.hessian.stochastic import (
+    FD_SCALE,
+    finite_difference_radii,
+    gaussian_probe,
+    gradient_sum,
+    hessian_vector_sum,
+    model_parameters,
+    rademacher_probe,
+)
 from nfm_cli.losses import degenerate_mask
 from nfm_cli.progress import ProgressFn
 
