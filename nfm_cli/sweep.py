@@ -75,6 +75,7 @@ def parse_values(field: str, text: str) -> list[Any]:
 
 
 def check_field(field: str) -> None:
+    """Refuse a grid field that is not a train config field (or is the seed)."""
     if field == "seed":
         raise NfmError("give the seeds with --seeds (or \"seeds\" in the grid file), not as a grid field")
     if field not in GRID_FIELDS:
@@ -163,6 +164,7 @@ def train_args(run: Run, grid_fields: Sequence[str]) -> list[str]:
 
 
 def measure_args(run: Run, rivals: bool = False) -> list[str]:
+    """The ``nfm measure`` arguments of one run."""
     return ["measure", str(run.checkpoint), "--out", str(run.measures)] + (["--rivals"] if rivals else [])
 
 
@@ -173,6 +175,7 @@ def command_line(run: Run, grid_fields: Sequence[str], rivals: bool = False, nfm
 
 
 def describe(run: Run) -> dict[str, Any]:
+    """One run as JSON: index, name, output paths and config."""
     return {"index": run.index, "name": run.name, "checkpoint": str(run.checkpoint), "measures": str(run.measures),
             "config": {k: v for k, v in dataclasses.asdict(run.config).items() if k != "NON_IDENTITY"}}
 

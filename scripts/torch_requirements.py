@@ -87,6 +87,7 @@ def _installed(name: str) -> str | None:
 
 
 def main() -> None:
+    """Print the torch/torchvision requirements still to install (nothing when a supported torch is there)."""
     setup_cfg = (Path(__file__).resolve().parent.parent / "setup.cfg").read_text()
     installed = {name: _installed(name) for name in PINNED}
     requirements = plan(installed, setup_cfg, force=os.environ.get("FORCE_TORCH", "") not in ("", "0"))

@@ -7,11 +7,11 @@ import math
 
 import pytest
 
+import nfm_cli.cli.report_cmd as report_cmd_module
 import nfm_cli.hessian.driver as driver_module
 import nfm_cli.pipeline as pipeline_module
 import nfm_cli.rescale as rescale_module
 import nfm_cli.training as training_module
-import nfm_cli.cli.report_cmd as report_cmd_module
 from nfm_cli.training import DIVERGENCE_FACTOR, _flag_divergence
 
 

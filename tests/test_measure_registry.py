@@ -27,7 +27,7 @@ def test_compute_measures_returns_exactly_the_registered_numbers():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
     hdiag = {n: torch.rand_like(p) for n, p in model.named_parameters()}
     summary = compute_measures(model, hdiag).summary
-    expected = {k for k, m in reg.MEASURES.items() if m.source != "gradients"} | set(reg.DIAGNOSTICS)
+    expected = {k for k, m in reg.MEASURES.items() if m.source not in ("gradients", "rivals")} | set(reg.DIAGNOSTICS)
     assert set(summary) - {"layers"} == expected
 
 

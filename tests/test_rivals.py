@@ -9,8 +9,17 @@ from scipy import optimize, special
 from torch import nn
 
 from nfm_cli.errors import NfmError
-from nfm_cli.rivals import (Evaluator, RivalOptions, adaptive_sharpness, box_ascent, largest_radius,
-                            normal_directions, pacbayes_sigma, rival_measures, sharpness_alpha)
+from nfm_cli.rivals import (
+    Evaluator,
+    RivalOptions,
+    adaptive_sharpness,
+    box_ascent,
+    largest_radius,
+    normal_directions,
+    pacbayes_sigma,
+    rival_measures,
+    sharpness_alpha,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,7 @@
 """``nfm sweep``: grid expansion and validation, --list through xargs -P 2 equals --jobs 2 and --index."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

@@ -104,6 +104,7 @@ def test_plots_with_real_and_log_x(cli, tmp_path):
 
 def test_real_and_log_axes_show_the_values(tmp_path):
     from matplotlib.figure import Figure
+
     from nfm_cli.plots import _draw
     runs, _ = load_runs(sweep(tmp_path, n=5))
     for scale, expect_log in (("real", False), ("log", True), ("rescaled", False)):

@@ -36,8 +36,7 @@ from torch import nn
 
 from nfm_cli.errors import NfmError
 from nfm_cli.hessian.rules import CACHE_ELEMENTS, RULES, CacheBudget, LayerRule, rule_for
-from nfm_cli.hessian.support import (PIECEWISE_LINEAR_LEAVES, check_exact_supported, parameterised_layers,
-                                     refusal)
+from nfm_cli.hessian.support import PIECEWISE_LINEAR_LEAVES, check_exact_supported, parameterised_layers, refusal
 from nfm_cli.losses import check_loss_name, degenerate_mask, logit_hessian
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ RANDOM = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.rand
 
 
 def refusal(name: str, module: nn.Module, why: str) -> NfmError:
+    """The error refusing ``module`` (at ``name``) for the exact estimator, with the way out."""
     where = f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
     return NfmError(f"the exact Hessian diagonal needs a network that is piecewise linear in each weight; "
                     f"{where} {why}; use --estimator hutchinson (or finite-diff) for this model")
