@@ -69,7 +69,7 @@ class Checkpoint:
         if int(self.indices.max()) >= len(split):
             raise NfmError(f"checkpoint indexes sample {int(self.indices.max())} but the "
                            f"{self.config['dataset']} training split has {len(split)}", self.path)
-        x = split.x[self.indices]
+        x = split.inputs(self.indices)
         recorded = (self.artifact.meta.get("data") or {}).get("inputs_sha256")
         if recorded is not None and recorded != tensor_hash(x):
             raise NfmError(f"the {self.config['dataset']} files found now differ from those it was trained on "
@@ -81,7 +81,7 @@ class Checkpoint:
         """The test split (or its seeded subset, as used for the test accuracy)."""
         split = self._split(False)
         idx = subset_indices(len(split), self.config.get("test_size"), self.config["seed"], "test-subset")
-        return split.x[idx].to(device=device, dtype=self.dtype), split.y[idx].to(device)
+        return split.inputs(idx).to(device=device, dtype=self.dtype), split.y[idx].to(device)
 
 
 def tensor_hash(t: torch.Tensor) -> str:
