@@ -201,6 +201,8 @@ def exact_p_values(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     n = 3 gets p = 0); the exact null distribution is the statistic over every permutation, each
     equally likely under independence: p = share of permutations with |stat| >= |observed|
     (at n = 3, a perfect rank correlation has p = 2/6)."""
+    from scipy import stats  # here, not at import: slow to import
+
     n = len(x)
     perms = np.array(list(itertools.permutations(range(n))))
     rx, ry = stats.rankdata(x), stats.rankdata(y)
