@@ -8,8 +8,20 @@ Python API (mirrors the CLI):
 """
 __version__ = "0.1.0"
 
-from nfm_cli.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from nfm_cli.errors import NfmError  # noqa: E402
-from nfm_cli.training import TrainConfig, TrainResult, train  # noqa: E402
+
+# Imported on first use (PEP 562), so that ``import nfm_cli`` (every ``nfm`` command, ``--help``
+# included) does not pay for torch until a command needs it.
+_LAZY = {"Checkpoint": "nfm_cli.checkpoint", "load_checkpoint": "nfm_cli.checkpoint",
+         "TrainConfig": "nfm_cli.training", "TrainResult": "nfm_cli.training", "train": "nfm_cli.training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nfm_cli' has no attribute {name!r}")
 
 __all__ = ["Checkpoint", "NfmError", "TrainConfig", "TrainResult", "load_checkpoint", "train", "__version__"]

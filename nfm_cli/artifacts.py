@@ -101,6 +101,13 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
                            f"files); expected a {label} file", path) from None
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise NfmError(f"not a valid safetensors file (truncated or corrupt: {reason})", path) from None
+    found, meta, extra = _decode_metadata(raw_meta, path, wanted)
+    return Artifact(path, found, meta, tensors, content_hash(data), extra)
+
+
+def _decode_metadata(raw_meta: Any, path: Path, wanted: tuple[str, ...]) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(kind, decoded ``nfm.*`` entries, other entries) of a safetensors header's metadata, validated."""
+    label = " or ".join(wanted)
     if not isinstance(raw_meta, dict) or _PREFIX + "kind" not in raw_meta:
         raise NfmError(f"is a safetensors file but not an nfm artifact (no nfm.kind); expected a {label} file", path)
     found = raw_meta.get(_PREFIX + "kind")
@@ -125,7 +132,40 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
                                         or isinstance(meta[name], bool)):
                 what = _TYPE_NAMES.get(_META_TYPES[name], "a number")
                 raise NfmError(f"metadata entry {key} is not {what} (corrupt file)", path)
-    return Artifact(path, found, meta, tensors, content_hash(data), extra)
+    return found, meta, extra
+
+
+def read_metadata(path: str | os.PathLike, kind: str | Iterable[str] | None = None) -> Artifact:
+    """Like ``read_artifact`` but reads only the safetensors header: kind and metadata, validated the
+    same way, no tensors and no content hash (``tensors`` is empty, ``sha256`` ""). The header's
+    tensor offsets must end exactly at the end of the file, so a truncated file is still refused.
+    For readers of many files that need only the metadata (``nfm report``)."""
+    path = Path(path)
+    wanted = (kind,) if isinstance(kind, str) else (tuple(kind) if kind is not None else KINDS)
+    label = " or ".join(wanted)
+    if not path.is_file():
+        return read_artifact(path, wanted)  # its one-line error: missing, a folder, a FIFO, ...
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            size = os.fstat(fh.fileno()).st_size
+            header_len = int.from_bytes(head, "little")
+            if len(head) < 8 or header_len > size - 8:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(fh.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        if max(ends, default=0) != size - 8 - header_len:
+            raise ValueError("the tensor data does not fill the file")
+        raw_meta = header.get("__metadata__") or {}
+    except OSError as exc:
+        raise NfmError(f"cannot read: {exc.strerror or exc}", path) from None
+    except Exception as exc:  # any malformed header means "not valid"
+        if not path.stat().st_size:
+            raise NfmError(f"is empty, not a {label} file", path) from None
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise NfmError(f"not a valid safetensors file (truncated or corrupt: {reason})", path) from None
+    found, meta, extra = _decode_metadata(raw_meta, path, wanted)
+    return Artifact(path, found, meta, {}, "", extra)
 
 
 def _reject_constant(name: str):

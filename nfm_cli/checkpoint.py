@@ -64,24 +64,33 @@ class Checkpoint:
         return self._split_cache[train]
 
     def training_tensors(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """The training inputs, preprocessed as in training, and the labels exactly as trained on."""
+        """The training inputs, preprocessed as in training, and the labels exactly as trained on.
+        The files are read and the inputs checked against the recorded hash once per ``Checkpoint``."""
+        cached = self._training_inputs()
+        x = cached.to(device=device, dtype=self.dtype)
+        return (x.clone() if x is cached else x), self.labels.to(device)  # callers may change their copy
+
+    def _training_inputs(self) -> torch.Tensor:
+        if "train-inputs" in self._split_cache:
+            return self._split_cache["train-inputs"]
         split = self._split(True)
         if int(self.indices.max()) >= len(split):
             raise NfmError(f"checkpoint indexes sample {int(self.indices.max())} but the "
                            f"{self.config['dataset']} training split has {len(split)}", self.path)
-        x = split.x[self.indices]
+        x = split.inputs(self.indices)
         recorded = (self.artifact.meta.get("data") or {}).get("inputs_sha256")
         if recorded is not None and recorded != tensor_hash(x):
             raise NfmError(f"the {self.config['dataset']} files found now differ from those it was trained on "
                            "(another copy or version of the dataset?); point --data-dir at the original files",
                            self.path)
-        return x.to(device=device, dtype=self.dtype), self.labels.to(device)
+        self._split_cache["train-inputs"] = x
+        return x
 
     def test_tensors(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The test split (or its seeded subset, as used for the test accuracy)."""
         split = self._split(False)
         idx = subset_indices(len(split), self.config.get("test_size"), self.config["seed"], "test-subset")
-        return split.x[idx].to(device=device, dtype=self.dtype), split.y[idx].to(device)
+        return split.inputs(idx).to(device=device, dtype=self.dtype), split.y[idx].to(device)
 
 
 def tensor_hash(t: torch.Tensor) -> str:

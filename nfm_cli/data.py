@@ -1,23 +1,22 @@
-"""Datasets as whole tensors: MNIST, Fashion-MNIST, CIFAR-10 (through torchvision) and a synthetic set.
+"""Datasets as whole tensors: MNIST, Fashion-MNIST, CIFAR-10 and a synthetic set.
 
 Local folders are searched first (``--data-dir``, then ``$NFM_DATA``, then Debian's
 ``/usr/share/datasets/<name>``); nothing is downloaded unless ``download=True``. A folder may hold
 torchvision's own layout (``MNIST/raw/...``, ``FashionMNIST/raw/...``, ``cifar-10-batches-py/``) or
-the IDX files directly (``train-images-idx3-ubyte[.gz]`` ..., Debian's layout), which are staged
-once into the cache folder in torchvision's layout.
+the IDX files directly (``train-images-idx3-ubyte[.gz]`` ..., Debian's layout). The files are read
+by ``nfm_cli.datafiles`` (torchvision only downloads) and decoded once into a cache (``cache_dir()``).
 
 Splits are small, so they are held as tensors (on the training device); batches are index slices.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nfm_cli.datafiles import CIFAR_BATCHES, CIFAR_FOLDER, IDX_FILES, cached, read_cifar_split, read_idx_split
 from nfm_cli.errors import NfmError
 from nfm_cli.rng import keyed_generator
 
@@ -30,8 +29,6 @@ _NORMALIZATION = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
 
 SYNTHETIC_SHAPE = (1, 28, 28)
@@ -39,15 +36,35 @@ SYNTHETIC_CLASSES = 10
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2048, 512
 
 
-@dataclass
 class Split:
-    """Inputs (float32, standardised) and labels (int64) of one split."""
+    """Labels (int64) and inputs (float32, standardised) of one split.
 
-    x: torch.Tensor
-    y: torch.Tensor
+    A split read from files keeps its raw bytes; ``inputs(idx)`` standardises only the rows asked for
+    (elementwise, so exactly the numbers standardising the whole split gives), which spares a run on
+    a 1,000-sample subset converting all 60,000 images. ``x`` is the whole split (computed once).
+    """
+
+    def __init__(self, x: torch.Tensor | None, y: torch.Tensor, *, raw: torch.Tensor | None = None,
+                 normalization: tuple | None = None):
+        self._x, self.y, self.raw, self.normalization = x, y, raw, normalization
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def inputs(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        if self._x is not None:
+            return self._x if idx is None else self._x[idx]
+        raw = self.raw if idx is None else self.raw[idx]
+        x = raw.to(torch.float32).div_(255.0)
+        x = x.unsqueeze(1) if x.ndim == 3 else x  # IDX: [N, H, W]; CIFAR-10: already [N, C, H, W]
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in self.normalization)
+        return (x - mean) / std
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            self._x = self.inputs()
+        return self._x
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,7 @@ def check_dataset_name(name: str) -> None:
 
 
 def cache_dir() -> Path:
-    """Where staged copies and downloads go: $NFM_CACHE, else $XDG_CACHE_HOME/nfm, else ~/.cache/nfm."""
+    """Where decoded datasets and downloads go: $NFM_CACHE, else $XDG_CACHE_HOME/nfm, else ~/.cache/nfm."""
     if os.environ.get("NFM_CACHE"):
         return Path(os.environ["NFM_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -114,35 +131,23 @@ def load_split(name: str, train: bool, data_dir: str | os.PathLike | None = None
     if strict:
         check_data_dir(data_dir)
     raw_x, raw_y = _load_raw(name, train, data_dir, download, strict and data_dir is not None)
-    x = raw_x.to(torch.float32).div_(255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _NORMALIZATION[name])
-    return Split((x - mean) / std, raw_y.to(torch.int64))
+    return Split(None, raw_y.to(torch.int64), raw=raw_x, normalization=_NORMALIZATION[name])
 
 
 def _load_raw(name: str, train: bool, data_dir, download: bool,
               only_data_dir: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    import torchvision.datasets as tvd  # imported lazily: it is slow to import
-
-    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": _local_cifar10_class()}[name]
     roots = search_roots(name, data_dir)[:2] if only_data_dir else search_roots(name, data_dir)
     for root in roots:
-        tv_root = _torchvision_root(name, root)
-        if tv_root is not None:
-            try:
-                ds = cls(str(tv_root), train=train, download=False)
-            except Exception as exc:  # corrupt local files: say which folder
-                raise NfmError(f"dataset {name} found but unreadable ({str(exc).splitlines()[0][:100]})",
-                               tv_root) from None
-            return _as_tensors(ds)
+        files = _local_files(name, train, root)
+        if files is not None:
+            return _read_files(name, train, files)
     if download:
         target = Path(data_dir or os.environ.get("NFM_DATA") or cache_dir() / "downloads")
-        cls = tvd.CIFAR10 if name == "cifar10" else cls  # downloads are checked against the md5 sums
-        try:
-            ds = cls(str(target), train=train, download=True)
-        except Exception as exc:
-            raise NfmError(f"could not download {name} into {target}: {str(exc).splitlines()[0][:120]}") from None
-        return _as_tensors(ds)
+        _download(name, train, target)
+        files = _local_files(name, train, target)
+        if files is not None:
+            return _read_files(name, train, files)
+        raise NfmError(f"downloaded {name} but cannot find its files", target)
     where = ", ".join(str(r) for r in roots)
     if only_data_dir:
         raise NfmError(f"--data-dir does not hold the {name} dataset (looked in {where}); point it at the "
@@ -152,60 +157,44 @@ def _load_raw(name: str, train: bool, data_dir, download: bool,
                    f"point --data-dir or $NFM_DATA at them, or pass --download when online")
 
 
-def _local_cifar10_class():
-    """torchvision's CIFAR10 reading local batches without their md5 check (a copy, a subset or a
-    test's small files in the same pickle format); the reader itself still validates the content."""
-    import torchvision.datasets as tvd
-
-    class LocalCIFAR10(tvd.CIFAR10):
-        train_list = [[fname, None] for fname, _ in tvd.CIFAR10.train_list]
-        test_list = [[fname, None] for fname, _ in tvd.CIFAR10.test_list]
-        meta = dict(tvd.CIFAR10.meta, md5=None)
-
-    return LocalCIFAR10
-
-
-def _as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(ds.data)
-    targets = ds.targets if isinstance(ds.targets, torch.Tensor) else torch.tensor(ds.targets)
-    return data, targets
-
-
-def _torchvision_root(name: str, root: Path) -> Path | None:
-    """A root that torchvision's class accepts as is, staging flat IDX files if needed."""
+def _local_files(name: str, train: bool, root: Path) -> list[Path] | None:
+    """The files of one split under ``root`` (flat IDX files, torchvision's layout, or CIFAR-10's
+    batches folder), or None if they are not there."""
     if not root.is_dir():
         return None
-    folder = _TORCHVISION_FOLDER[name]
     if name == "cifar10":
-        return root if (root / folder / "data_batch_1").exists() else None
-    if all((root / folder / "raw" / f).exists() for f in _IDX_FILES):
-        return root
-    found = {}
-    for f in _IDX_FILES:
-        for candidate in (root / f, root / (f + ".gz")):
-            if candidate.exists():
-                found[f] = candidate
-                break
-    if len(found) < len(_IDX_FILES):
-        return None
-    return _stage_idx(name, found)
+        folder = root / CIFAR_FOLDER
+        files = [folder / b for b in CIFAR_BATCHES[train]]
+        if not (folder / CIFAR_BATCHES[True][0]).exists():
+            return None
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise NfmError(f"dataset {name} found but incomplete (no {missing[0]})", folder)
+        return files
+    for folder in (root, root / _TORCHVISION_FOLDER[name] / "raw"):
+        files = [next((c for c in (folder / f, folder / (f + ".gz")) if c.exists()), None) for f in IDX_FILES[train]]
+        if all(files):
+            return files
+    return None
 
 
-def _stage_idx(name: str, files: dict[str, Path]) -> Path:
-    """Decompress/copy flat IDX files into ``<cache>/<name>/<Folder>/raw/`` (once, atomically)."""
-    staged_root = cache_dir() / name
-    raw = staged_root / _TORCHVISION_FOLDER[name] / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for target_name, source in files.items():
-        target = raw / target_name
-        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
-            continue
-        tmp = target.with_name(f".{target_name}.{os.getpid()}.tmp")
-        opener = gzip.open if source.suffix == ".gz" else open
-        with opener(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    return staged_root
+def _read_files(name: str, train: bool, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "cifar10":
+        decode = lambda: read_cifar_split(files)  # noqa: E731
+    else:
+        decode = lambda: read_idx_split(*files)  # noqa: E731
+    return cached(cache_dir(), f"{name}-{'train' if train else 'test'}", files, decode)
+
+
+def _download(name: str, train: bool, target: Path) -> None:
+    """torchvision's downloader (checked against its md5 sums); imported only here: it is slow."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    try:
+        cls(str(target), train=train, download=True)
+    except Exception as exc:
+        raise NfmError(f"could not download {name} into {target}: {str(exc).splitlines()[0][:120]}") from None
 
 
 def synthetic_split(train: bool) -> Split:

@@ -13,6 +13,7 @@ is left alone, so rerunning a sweep skips finished runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -24,7 +25,7 @@ import torch
 
 from nfm_cli import distributed
 from nfm_cli.artifacts import read_artifact, write_artifact
-from nfm_cli.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.checkpoint import Checkpoint, checkpoint_from_artifact, load_checkpoint
 from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
@@ -32,6 +33,7 @@ from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
 from nfm_cli.hessian import (
     FD_SCALE,
     SAVE_EVERY_SECONDS,
+    HessianDiagonal,
     check_hessian_options,
     compute_hessian_diagonal,
     read_hessian_diagonal,
@@ -61,32 +63,37 @@ def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
     return metrics
 
 
-def solve_variance(checkpoint: str | os.PathLike, hdiag: str | os.PathLike, out: str | os.PathLike, *,
-                   trace_hdiag: str | os.PathLike | None = None, fisher_rao: float | None = None,
+def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.PathLike | HessianDiagonal,
+                   out: str | os.PathLike, *,
+                   trace_hdiag: str | os.PathLike | HessianDiagonal | None = None, fisher_rao: float | None = None,
                    tol: float = 1e-10, max_iter: int = 10_000, progress: ProgressFn = None,
                    extra_config: dict[str, Any] | None = None,
                    extra_result: dict[str, Any] | None = None) -> MeasureResult:
-    """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``."""
+    """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``.
+
+    ``checkpoint`` is a path or an already loaded float32 ``Checkpoint``; ``hdiag`` / ``trace_hdiag``
+    are hessian-diag files or their contents already in memory (``measure`` passes what it has, so
+    nothing is read or hashed twice)."""
     start = time.perf_counter()
     check_solver_options(tol, max_iter)
     check_out_path(out)
-    ck = load_checkpoint(checkpoint)
-    h = read_hessian_diagonal(hdiag, ck)
-    trace_h = h if trace_hdiag is None else read_hessian_diagonal(trace_hdiag, ck)
-    measures = compute_measures(ck.model, h.diagonal, trace_h.diagonal, tol=tol, max_iter=max_iter,
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    h_art = _hessian(hdiag, ck)
+    trace_art = h_art if trace_hdiag is None else _hessian(trace_hdiag, ck)
+    measures = compute_measures(ck.model, h_art.diagonal, trace_art.diagonal, tol=tol, max_iter=max_iter,
                                 progress=progress)
     result = dict(measures.summary)
     result["fisher_rao_norm"] = fisher_rao
-    result["hessian_loss"] = h.config["loss"]
-    result["trace_loss"] = trace_h.config["loss"]
+    result["hessian_loss"] = h_art.config["loss"]
+    result["trace_loss"] = trace_art.config["loss"]
     result["metrics"] = checkpoint_metrics(ck)
     result.update(extra_result or {})
     for key, value in result.items():
         if isinstance(value, float) and not math.isfinite(value) and key != "spectral_norm_product":
-            raise NfmError(f"measure {key} came out {value}; the Hessian file or checkpoint is broken", hdiag)
-    parents = {"checkpoint": ck.sha256, "hessian": h.sha256, "trace_hessian": trace_h.sha256}
+            raise NfmError(f"measure {key} came out {value}; the Hessian file or checkpoint is broken", h_art.path)
+    parents = {"checkpoint": ck.sha256, "hessian": h_art.sha256, "trace_hessian": trace_art.sha256}
     config = {"tol": tol, "max_iter": max_iter, "lambda": 0.5, "hessian_loss": result["hessian_loss"],
-              "trace_loss": result["trace_loss"], "estimator": h.config.get("estimator")}
+              "trace_loss": result["trace_loss"], "estimator": h_art.config.get("estimator")}
     config.update(extra_config or {})
     meta = {"config": config, "parents": parents, "result": result, "checkpoint_path": str(ck.path),
             "progress": {"complete": True}, "wall_time": time.perf_counter() - start}
@@ -113,6 +120,17 @@ def refuse_diverged(ck: Checkpoint) -> None:
     where = f" at epoch {at}" if at else ""
     raise NfmError(f"training diverged{where} (see nfm inspect); its measures would mean nothing: retrain "
                    "with a smaller --lr", ck.path)
+
+
+def _hessian(hdiag: str | os.PathLike | HessianDiagonal, ck: Checkpoint) -> HessianDiagonal:
+    return hdiag if isinstance(hdiag, HessianDiagonal) else read_hessian_diagonal(hdiag, ck)
+
+
+def _in_memory(result: HessianDiagonal, ck: Checkpoint) -> HessianDiagonal:
+    """What reading back the file ``compute_hessian_diagonal`` just wrote would give (float64 tensors
+    in parameter order, its config and content hash), without reading it."""
+    names = [n for n, _ in ck.model.named_parameters()]
+    return dataclasses.replace(result, diagonal={n: result.diagonal[n].to(torch.float64) for n in names})
 
 
 def default_measures_path(checkpoint: str | os.PathLike) -> Path:
@@ -171,8 +189,9 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
         return MeasureResult(out, "already complete", art.meta["result"], [])
     dev = resolve_device(device)
     paths = intermediate_paths(out, precision)
+    hessians = {}
     for loss, path in paths.items():
-        compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
+        hessians[loss] = compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
                                  samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
                                  force=force, finite_diff_scale=finite_diff_scale, progress=progress,
                                  save_every_seconds=save_every_seconds)
@@ -185,7 +204,11 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
             fisher = fisher_rao_norm_of_checkpoint(ck, device=rank_dev, samples=samples, seed=seed,
                                                    progress=progress)
             extra = _rival_result(ck, samples, seed, rank_dev, progress) if rivals else None
-            result = solve_variance(checkpoint, paths["normalized-ce"], out, trace_hdiag=paths["ce"],
+            # the solve reads the float32 weights as trained: the same loaded file, rebuilt if needed
+            solve_ck = ck if ck.dtype == torch.float32 else checkpoint_from_artifact(ck.artifact)
+            solve_ck.model.to("cpu")
+            result = solve_variance(solve_ck, _in_memory(hessians["normalized-ce"], solve_ck), out,
+                                    trace_hdiag=_in_memory(hessians["ce"], solve_ck),
                                     fisher_rao=fisher, tol=tol, max_iter=max_iter, progress=progress,
                                     extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS},
                                     extra_result=extra)

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy import stats
 
-from nfm_cli.artifacts import atomic_write, read_artifact
+from nfm_cli.artifacts import atomic_write, read_metadata
 from nfm_cli.errors import NfmError
 from nfm_cli.inflight import in_flight_reason
 from nfm_cli.measure_registry import DIAGNOSTICS as DIAGNOSTIC_KEYS
@@ -87,7 +86,7 @@ def load_run(path: str | os.PathLike, y: str = "gap") -> dict[str, Any]:
     reason = in_flight_reason(path)
     if reason is not None:
         raise NfmError(reason, path)
-    art = read_artifact(path, "measures")
+    art = read_metadata(path, "measures")  # the tensors (sigmas) are not needed: header only
     result = art.meta.get("result")
     if not isinstance(result, dict):
         raise NfmError("measures file has no nfm.result entry (incomplete or made by an old nfm)", path)
@@ -162,6 +161,8 @@ def correlations(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     Returns ``n`` (pairs used), the statistics and p-values (NaN when undefined: n < 3 or a
     constant side), and the ``min``/``max`` of x over those pairs (what min-max rescaling uses).
     """
+    from scipy import stats  # here, not at import: it is slow to import and only the numbers need it
+
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -197,6 +198,8 @@ def exact_p_values(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     n = 3 gets p = 0); the exact null distribution is the statistic over every permutation, each
     equally likely under independence: p = share of permutations with |stat| >= |observed|
     (at n = 3, a perfect rank correlation has p = 2/6)."""
+    from scipy import stats  # here, not at import: slow to import
+
     n = len(x)
     perms = np.array(list(itertools.permutations(range(n))))
     rx, ry = stats.rankdata(x), stats.rankdata(y)

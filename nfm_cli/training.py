@@ -224,9 +224,9 @@ def _training_data(config: TrainConfig, spec, dev, download: bool) -> _Data:
     indices = subset_indices(len(train_split), config.train_size, config.seed)
     labels = randomize_labels(train_split.y[indices], config.random_ratio, spec["args"]["num_classes"], config.seed)
     test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
-    x = train_split.x[indices]
+    x = train_split.inputs(indices)
     return _Data(indices, labels, tensor_hash(x), x.to(dev), labels.to(dev),
-                 test_split.x[test_idx].to(dev), test_split.y[test_idx].to(dev))
+                 test_split.inputs(test_idx).to(dev), test_split.y[test_idx].to(dev))
 
 
 def _loop(run: _Run, data: _Data, config: TrainConfig, spec, out: Path, save_every: float,
