@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import models
+import nfm_models
 from nfm_cli.artifacts import Artifact, read_artifact
 from nfm_cli.data import Split, check_data_dir, load_split, subset_indices
 from nfm_cli.errors import NfmError
@@ -101,8 +101,8 @@ def tensor_hash(t: torch.Tensor) -> str:
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     try:
-        return models.build(spec["name"], **spec["args"])
-    except models.UnknownModelError as err:
+        return nfm_models.build(spec["name"], **spec["args"])
+    except nfm_models.UnknownModelError as err:
         raise NfmError(str(err)) from None
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-import models
+import nfm_models as models
 
 from conftest import sha256_of, tiny_config
 from nfm_cli.artifacts import read_artifact
