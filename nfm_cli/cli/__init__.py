@@ -133,4 +133,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 # Commands register themselves on ``app`` when imported.
 from nfm_cli.cli import inspect_cmd, report_cmd, rescale_cmd, train_cmd  # noqa: E402,F401
-from nfm_cli.cli import hessian_diag_cmd, measure_cmd, sweep_cmd  # noqa: E402,F401
+from nfm_cli.cli import hessian_diag_cmd, import_cmd, measure_cmd, sweep_cmd  # noqa: E402,F401
