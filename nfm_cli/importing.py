@@ -49,6 +49,7 @@ class ImportConfig:
     resize: int | None = None
     crop: int | None = None
     normalize: str | None = None
+    data_dir: str | None = None     # where a registered dataset's files are (as nfm train --data-dir)
 
 
 @dataclass
@@ -79,7 +80,9 @@ def import_checkpoint(config: ImportConfig, out: str | os.PathLike, *, device: s
     tensors, stripped = match_state_dict(model, state.tensors, weights_path)
     model.load_state_dict(tensors)
     model.eval()
-    train_split, test_split = load_spec_split(spec, True), load_spec_split(spec, False)
+    if config.data_dir and spec.kind != "registered":
+        raise NfmError("--data-dir applies to registered datasets; tensors: and imagefolder: name their own path")
+    train_split, test_split = (load_spec_split(spec, split, config.data_dir) for split in (True, False))
     indices = subset_indices(len(train_split), config.train_size, config.seed)
     test_idx = subset_indices(len(test_split), config.test_size, config.seed, "test-subset")
     num_classes = _num_classes(model, train_split.x[:1], config.model)
@@ -167,7 +170,7 @@ def _write(out, config: ImportConfig, spec: DataSpec, args, code, num_classes, m
     tensors["data.indices"] = indices
     tensors["data.labels"] = labels
     run_config = {"model": config.model, "dataset": spec.text, "data_spec": spec.to_json(), "seed": config.seed,
-                  "train_size": config.train_size, "test_size": config.test_size, "data_dir": None,
+                  "train_size": config.train_size, "test_size": config.test_size, "data_dir": config.data_dir,
                   "random_ratio": metrics["random_ratio"], "source": "import"}
     meta = {"config": run_config,
             "model": {"name": config.model, "args": args, "num_classes": num_classes, "code": code},

@@ -314,6 +314,7 @@ MLP = ["--model-arg", "in_channels=1", "--model-arg", "image_size=4", "--model-a
     (["--model", "mlp", *MLP, "--model-arg", "num_classes=3", "--labels", "{tmp}/w.safetensors"],
      "--labels file must hold one tensor"),
     (["--model", "mlp", *MLP, "--model-arg", "num_classes=3", "--train-size", "0"], "--train-size must be"),
+    (["--model", "mlp", *MLP, "--model-arg", "num_classes=3", "--data-dir", "{tmp}"], "--data-dir applies to"),
     (["--model", "mlp", *MLP, "--model-arg", "num_classes=3", "--out", "{tmp}/exists.safetensors"], "--force"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(cli, bad_input_files, args, fragment):

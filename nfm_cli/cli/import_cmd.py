@@ -39,6 +39,8 @@ def import_command(
     crop: Optional[int] = typer.Option(None, "--crop", help="imagefolder: center crop to this square size."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="imagefolder: MEAN,STD, or per channel "
                                             "m1,m2,m3,s1,s2,s3 (applied after scaling pixels to [0, 1])."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with a registered dataset's files "
+                                            "(searched before $NFM_DATA and /usr/share/datasets/<name>)."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda, for the evaluation."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file at --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
@@ -50,7 +52,8 @@ def import_command(
     """
     config = ImportConfig(model=model, weights=str(weights), data=data, model_args=list(model_arg or []),
                           train_size=train_size, test_size=test_size, seed=seed,
-                          labels=str(labels) if labels else None, resize=resize, crop=crop, normalize=normalize)
+                          labels=str(labels) if labels else None, resize=resize, crop=crop, normalize=normalize,
+                          data_dir=str(data_dir) if data_dir else None)
     with progress_bar(quiet) as progress:
         result = import_checkpoint(config, out, device=device, force=force, progress=progress)
     m = result.metrics
