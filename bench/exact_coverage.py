@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import models  # noqa: E402
+import nfm_models as models  # noqa: E402
 from nfm_cli.fisher_rao import fisher_rao_norm  # noqa: E402
 from nfm_cli.hessian import exact_diagonal  # noqa: E402
 
