@@ -30,7 +30,7 @@ SECTION = "## Per-layer variance solver (`bench/solve_variance.py`)"
 
 def weight_shapes() -> tuple[list[tuple[str, tuple[int, ...]]], str]:
     """The weight-matrix shapes of WRN-16-4 for CIFAR-10, from the model registry (an error if it fails)."""
-    import models
+    import nfm_models as models
 
     net = models.build("wrn16-4", in_channels=3, num_classes=10, image_size=32)
     shapes = [(n.removesuffix(".weight"), tuple(p.shape)) for n, p in net.named_parameters()

@@ -46,4 +46,4 @@ def build(name: str, **config) -> nn.Module:
 
 
 # Registration happens on import of the model modules.
-from models import lenet, mlp, wrn  # noqa: E402,F401
+from nfm_models import lenet, mlp, wrn  # noqa: E402,F401

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models import register
+from nfm_models import register
 
 
 @register("mlp")

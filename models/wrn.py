@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import register
+from nfm_models import register
 
 
 class WideBasic(nn.Module):

@@ -4,7 +4,10 @@ Python API (mirrors the CLI):
 
 - ``train(TrainConfig(...), out)`` runs what ``nfm train`` runs,
 - ``load_checkpoint(path)`` returns the rebuilt model, its config and metrics, and
-  ``training_tensors()`` (inputs as preprocessed in training, labels exactly as trained on).
+  ``training_tensors()`` (inputs as preprocessed in training, labels exactly as trained on),
+- ``import_checkpoint(ImportConfig(...), out)`` runs what ``nfm import`` runs,
+- ``measure_model(model, x, y, ...)`` measures an in-memory model, returning the dict of
+  ``nfm measure --json`` and writing no file.
 """
 __version__ = "0.1.0"
 
@@ -13,7 +16,9 @@ from nfm_cli.errors import NfmError  # noqa: E402
 # Imported on first use (PEP 562), so that ``import nfm_cli`` (every ``nfm`` command, ``--help``
 # included) does not pay for torch until a command needs it.
 _LAZY = {"Checkpoint": "nfm_cli.checkpoint", "load_checkpoint": "nfm_cli.checkpoint",
-         "TrainConfig": "nfm_cli.training", "TrainResult": "nfm_cli.training", "train": "nfm_cli.training"}
+         "TrainConfig": "nfm_cli.training", "TrainResult": "nfm_cli.training", "train": "nfm_cli.training",
+         "ImportConfig": "nfm_cli.importing", "ImportResult": "nfm_cli.importing",
+         "import_checkpoint": "nfm_cli.importing", "measure_model": "nfm_cli.in_memory"}
 
 
 def __getattr__(name: str):
@@ -24,4 +29,5 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module 'nfm_cli' has no attribute {name!r}")
 
-__all__ = ["Checkpoint", "NfmError", "TrainConfig", "TrainResult", "load_checkpoint", "train", "__version__"]
+__all__ = ["Checkpoint", "ImportConfig", "ImportResult", "NfmError", "TrainConfig", "TrainResult", "import_checkpoint",
+           "load_checkpoint", "measure_model", "train", "__version__"]

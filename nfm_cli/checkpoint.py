@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-import models
+import nfm_models
 from nfm_cli.artifacts import Artifact, read_artifact
-from nfm_cli.data import Split, check_data_dir, load_split, subset_indices
+from nfm_cli.data import Split, check_data_dir, subset_indices
+from nfm_cli.data_spec import DataSpec, load_spec_split
 from nfm_cli.errors import NfmError
+from nfm_cli.model_source import build_model
 
 
 @dataclass
@@ -52,13 +54,21 @@ class Checkpoint:
 
     @property
     def num_classes(self) -> int:
-        return int(self.model_spec["args"]["num_classes"])
+        return int(self.model_spec.get("num_classes") or self.model_spec["args"]["num_classes"])
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """What the training data is: a registered dataset (``nfm train``) or an imported spec."""
+        recorded = self.config.get("data_spec")
+        if recorded is None:
+            return DataSpec("registered", self.config["dataset"])
+        return DataSpec.from_json(recorded, self.path)
 
     def _split(self, train: bool) -> Split:
         if train not in self._split_cache:
             try:
-                self._split_cache[train] = load_split(self.config["dataset"], train, self.data_dir,
-                                                       strict=self.data_dir_given)
+                self._split_cache[train] = load_spec_split(self.data_spec, train, self.data_dir,
+                                                           strict=self.data_dir_given)
             except NfmError as err:
                 raise NfmError(f"{err} (needed by checkpoint {self.path})") from None
         return self._split_cache[train]
@@ -101,15 +111,12 @@ def tensor_hash(t: torch.Tensor) -> str:
 
 def model_names() -> list[str]:
     """The names of the registered models (``--model`` choices)."""
-    return models.names()
+    return nfm_models.names()
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Build the registered model ``spec["name"]`` with ``spec["args"]``; an unknown name is an ``NfmError``."""
-    try:
-        return models.build(spec["name"], **spec["args"])
-    except models.UnknownModelError as err:
-        raise NfmError(str(err)) from None
+    """The architecture a checkpoint's ``model`` entry names (``model_source.build_model``)."""
+    return build_model(spec)
 
 
 def load_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
@@ -138,8 +145,9 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=t
             raise NfmError(f"checkpoint config lacks {key!r}", path)
     try:
         model = model_from_spec(spec)
-    except NfmError as err:  # an unknown model name: say which file names it
-        raise NfmError(f"{err.message} (corrupt file or a newer nfm?)", path) from None
+    except NfmError as err:  # an unknown model name or code that is gone: say which file names it
+        hint = "" if ":" in spec["name"] else " (corrupt file or a newer nfm?)"
+        raise NfmError(f"{err.message}{hint}", path) from None
     except (TypeError, ValueError) as exc:
         raise NfmError(f"cannot rebuild model {spec.get('name')!r}: {exc}", path) from None
     state = {k[len("model."):]: v for k, v in art.tensors.items() if k.startswith("model.")}
@@ -160,7 +168,9 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=t
     model.load_state_dict(state)
     model.eval().to(device=device, dtype=dtype)
     indices, labels = art.tensor("data.indices"), art.tensor("data.labels")
-    k = int(spec["args"].get("num_classes", 0))
+    k = spec.get("num_classes", spec["args"].get("num_classes", 0))
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise NfmError("checkpoint has a malformed model.num_classes entry", path)
     if indices.dtype != torch.int64 or labels.dtype != torch.int64 or indices.ndim != 1 or labels.shape != indices.shape:
         raise NfmError("data.indices / data.labels must be int64 vectors of the same length", path)
     if len(labels) == 0:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import models
+import nfm_models
 from nfm_cli import interrupt
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import model_from_spec, tensor_hash
@@ -70,8 +70,8 @@ class TrainConfig:
     NON_IDENTITY = ("data_dir", "epochs")
 
     def validate(self) -> None:
-        if self.model not in models.names():
-            raise NfmError(f"unknown model {self.model!r}; valid models: {', '.join(models.names())}")
+        if self.model not in nfm_models.names():
+            raise NfmError(f"unknown model {self.model!r}; valid models: {', '.join(nfm_models.names())}")
         dataset_info(self.dataset)
         check_data_dir(self.data_dir)
         if not 0.0 <= self.random_ratio <= 1.0 or math.isnan(self.random_ratio):

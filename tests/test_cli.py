@@ -16,7 +16,7 @@ def test_version_help_and_module_entry_point():
     assert helped.returncode == 0 and "train" in helped.stdout and "inspect" in helped.stdout
 
 
-WORKFLOW_ORDER = ["train", "measure", "report", "hessian-diag", "solve-variance", "rescale", "inspect"]
+WORKFLOW_ORDER = ["train", "import", "measure", "report", "sweep", "hessian-diag", "solve-variance", "rescale", "inspect"]
 
 
 def test_bare_nfm_prints_the_help_in_workflow_order(cli):

@@ -7,7 +7,7 @@ from test_exact_coverage import Functional, gelu_model
 from test_hessian_diag import randomize_batchnorm, tiny_case
 from torch import nn
 
-import models
+import nfm_models as models
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import fisher_rao_norm, squared_gradient_sums
 from nfm_cli.losses import LOSS_NAMES

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-import models
+import nfm_models as models
 from nfm_cli.errors import NfmError
 from nfm_cli.hessian import check_exact_supported, estimate_diagonal, exact_diagonal
 from nfm_cli.hessian.stochastic import finite_difference_radii

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-import models
+import nfm_models as models
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.checkpoint import load_checkpoint
 from nfm_cli.errors import NfmError

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+import nfm_models as models
 from nfm_cli.fisher_rao import fisher_rao_norm
 from nfm_cli.hessian.exact import exact_diagonal
 from nfm_cli.measures import compute_measures, weight_matrices

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+import nfm_models as models
 from nfm_cli import load_checkpoint, train
 from tests.conftest import tiny_config
 

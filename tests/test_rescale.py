@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+import nfm_models as models
 from nfm_cli import NfmError, load_checkpoint
 from nfm_cli.rescale import conv_bn_pairs, rescale_checkpoint, rescale_model, scale_units, weight_pairs
 from tests.conftest import sha256_of

@@ -126,13 +126,13 @@ def test_corrupt_existing_output_is_refused_not_overwritten(tmp_path):
 
 
 def test_changed_dataset_files_are_detected(tiny_checkpoint, monkeypatch):
-    import nfm_cli.checkpoint as checkpoint_module
+    import nfm_cli.data_spec as data_spec_module  # checkpoints load their data through data_spec
     from nfm_cli.data import Split, synthetic_split
 
     def altered(name, train, data_dir=None, download=False, strict=False):
         split = synthetic_split(train)
         return Split(split.x + 1e-3, split.y)
 
-    monkeypatch.setattr(checkpoint_module, "load_split", altered)
+    monkeypatch.setattr(data_spec_module, "load_split", altered)
     with pytest.raises(NfmError, match="differ from those it was trained on"):
         load_checkpoint(tiny_checkpoint).training_tensors()

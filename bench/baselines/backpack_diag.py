@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 try:
     import nfm_models as models
 except ImportError:  # before the models package was renamed
-    import models
+    import nfm_models as models
 
 
 def idx(path):

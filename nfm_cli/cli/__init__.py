@@ -151,5 +151,5 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 # Commands register themselves on ``app`` when imported; --help lists them in this (workflow) order.
-from nfm_cli.cli import train_cmd, measure_cmd, report_cmd, sweep_cmd  # noqa: E402,F401,I001
+from nfm_cli.cli import train_cmd, import_cmd, measure_cmd, report_cmd, sweep_cmd  # noqa: E402,F401,I001
 from nfm_cli.cli import hessian_diag_cmd, solve_variance_cmd, rescale_cmd, inspect_cmd  # noqa: E402,F401,I001

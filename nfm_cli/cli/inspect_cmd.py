@@ -47,7 +47,7 @@ def _print_head(file: Path, info: dict[str, Any]) -> None:
     head = Table(title=escape(str(file)), show_header=False, title_justify="left")
     head.add_row("kind", info["kind"])
     head.add_row("sha256", info["sha256"])
-    shown = ("config", "model", "progress", "parents", "wall_time")
+    shown = ("config", "model", "source", "progress", "parents", "wall_time")
     if info["kind"] != "measures":
         shown += ("metrics",)   # a measures file shows its metrics in the totals
     for key in shown:
