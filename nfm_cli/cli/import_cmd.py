@@ -8,7 +8,7 @@ import typer
 
 from nfm_cli.cli import WORKFLOW, app
 from nfm_cli.cli.locking import locked, wait_option
-from nfm_cli.cli.options import Device, Force, Quiet, Seed
+from nfm_cli.cli.options import Device, Force, Quiet
 from nfm_cli.cli.render import console, progress_bar
 from nfm_cli.importing import ImportConfig, import_checkpoint
 
@@ -33,7 +33,7 @@ def import_command(
                                              "(the samples later steps measure on; default: all)."),
     test_size: Optional[int] = typer.Option(None, "--test-size", help="Seeded subset of the test split for "
                                             "the test accuracy (default: all)."),
-    seed: Seed = 0,
+    seed: int = typer.Option(0, help="Seed for the --train-size and --test-size subsets."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="safetensors file with one int64 vector: the "
                                           "labels the model was trained on, one per training sample (default: "
                                           "the dataset's)."),
