@@ -33,14 +33,14 @@ def _one_error_line(res, fragment):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--tol", "-1"], "--tol must be a positive number"),
-    (["--tol", "nan"], "--tol must be a positive number"),
-    (["--max-iter", "0"], "--max-iter must be at least 1"),
-    (["--precision", "float16"], "--precision must be one of"),
-    (["--estimator", "magic"], "unknown estimator 'magic'"),
-    (["--estimator", "hutchinson", "--probes", "0"], "--probes must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--samples", "0"], "--samples must be at least 1"),
+    (["--tol", "-1"], "Invalid value for '--tol'"),
+    (["--tol", "nan"], "Invalid value for '--tol'"),
+    (["--max-iter", "0"], "Invalid value for '--max-iter'"),
+    (["--precision", "float16"], "Invalid value for '--precision'"),
+    (["--estimator", "magic"], "'magic' is not one of"),
+    (["--estimator", "hutchinson", "--probes", "0"], "Invalid value for '--probes'"),
+    (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--samples", "0"], "Invalid value for '--samples'"),
     (["--out", "{tmp}/missing/m.safetensors"], "the folder of --out"),
 ])
 def test_measure_checks_every_option_before_the_hessians(cli, monkeypatch, tmp_path, tiny_checkpoint, args,
@@ -61,12 +61,12 @@ def test_measure_missing_folder_names_out_not_an_intermediate_file(cli, tmp_path
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--loss", "mse"], "unknown loss 'mse'"),
-    (["--estimator", "magic"], "unknown estimator"),
-    (["--estimator", "finite-diff", "--finite-diff-scale", "-1"], "--finite-diff-scale must be a positive"),
-    (["--estimator", "hutchinson", "--probes", "0"], "--probes must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--samples", "0"], "--samples must be at least 1"),
+    (["--loss", "mse"], "'mse' is not one of"),
+    (["--estimator", "magic"], "'magic' is not one of"),
+    (["--estimator", "finite-diff", "--finite-diff-scale", "-1"], "Invalid value for '--finite-diff-scale'"),
+    (["--estimator", "hutchinson", "--probes", "0"], "Invalid value for '--probes'"),
+    (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--samples", "0"], "Invalid value for '--samples'"),
     (["--samples", "100000"], "more than the 128 training samples"),
     (["--data-dir", "{tmp}/nowhere"], "--data-dir does not exist"),
 ])
@@ -80,7 +80,7 @@ def test_hessian_diag_checks_every_option_before_the_estimator(cli, monkeypatch,
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "-1"], "Invalid value for '--lr'"),
     (["--data-dir", "{tmp}/nowhere"], "--data-dir does not exist"),
     (["--data-dir", "{tmp}/a-file"], "--data-dir is a file"),
     (["--out", "{tmp}/missing/x.safetensors"], "does not exist"),
@@ -98,7 +98,7 @@ def test_solve_variance_checks_the_solver_options_first(cli, monkeypatch, tmp_pa
     _forbid(monkeypatch, pipeline_module, "load_checkpoint")
     res = cli("solve-variance", tiny_checkpoint, tmp_path / "h.safetensors", "--out", tmp_path / "m.safetensors",
               "--tol", "-1")
-    _one_error_line(res, "--tol must be a positive number")
+    _one_error_line(res, "Invalid value for '--tol'")
     assert _listing(tmp_path) == []
 
 
@@ -118,9 +118,9 @@ def test_report_checks_its_outputs_before_reading(cli, monkeypatch, tmp_path, ar
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--mode", "spin", "--alpha", "2"], "unknown --mode 'spin'"),
-    (["--mode", "neuron", "--alpha", "-2"], "--alpha must be a positive number"),
-    (["--mode", "neuron"], "give exactly one of --alpha"),
+    (["--mode", "spin", "--alpha", "2"], "'spin' is not one of"),
+    (["--mode", "neuron", "--alpha", "-2"], "alpha must be a positive number"),
+    (["--mode", "neuron"], "give exactly one of alpha"),
     (["--mode", "neuron", "--alpha", "2", "--out", "{tmp}/missing/r.safetensors"], "existing folder"),
 ])
 def test_rescale_checks_options_before_loading(cli, monkeypatch, tmp_path, tiny_checkpoint, args, fragment):

@@ -35,7 +35,7 @@ def test_every_spec_is_well_formed():
     for key, m in reg.MEASURES.items():
         assert m.key == key and m.title and m.description and m.direction in (-1, 1)
         assert m.source in reg.SOURCES and m.cost == reg.SOURCES[m.source]
-        assert m.loss in (None, "ce", "normalized-ce")
+        assert m.loss in (None, "ce", "normalized-ce", "accuracy")   # accuracy: the rivals' 0-1 training accuracy
 
 
 def test_report_and_plots_take_their_names_from_the_registry():

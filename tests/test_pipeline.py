@@ -37,7 +37,8 @@ def test_measure_json_and_files(cli, trained, tmp_path):
         assert key in result
     assert result["metrics"]["random_ratio"] == 0.3 and result["metrics"]["model"] == "mlp"
     from nfm_cli.measure_registry import DIAGNOSTICS, MEASURES, RUN_METRICS
-    assert set(MEASURES) | set(DIAGNOSTICS) <= set(result) and set(RUN_METRICS) <= set(result["metrics"])
+    not_rivals = {k for k, m in MEASURES.items() if m.source != "rivals"}   # those need --rivals
+    assert not_rivals | set(DIAGNOSTICS) <= set(result) and set(RUN_METRICS) <= set(result["metrics"])
     assert result["normalized_sharpness"] <= result["matrix_normalized_sharpness"]
     art = read_artifact(out, "measures")
     assert art.meta["parents"]["checkpoint"] == sha256_of(trained["mlp"])

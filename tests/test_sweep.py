@@ -36,10 +36,10 @@ def test_ranges_lists_and_names():
 @pytest.mark.parametrize("args, match", [
     (["--grid", "lrr=1"], "grid field 'lrr' is not an nfm train config field"),
     (["--grid", "lr="], "grid field 'lr' has no values"),
-    (["--grid", "lr=1e-3,-1"], r"grid run lr=-1.0: --lr must be a positive number"),
+    (["--grid", "lr=1e-3,-1"], r"grid run lr=-1.0: lr must be a positive number"),
     (["--grid", "width=8,x"], "grid field 'width': 'x' is not a number"),
     (["--grid", "seed=1,2"], "--seeds"),
-    (["--grid", "optimizer=adam,sgd", "--grid", "momentum=0.9"], "--momentum applies to --optimizer sgd only"),
+    (["--grid", "optimizer=adam,sgd", "--grid", "momentum=0.9"], "momentum applies to optimizer sgd only"),
     (["--seeds", "0,0"], "seed twice"),
 ])
 def test_bad_grids_fail_before_anything_runs(cli, tmp_path, args, match):
