@@ -11,7 +11,7 @@ from nfm_cli.pipeline import measure_checkpoint, solve_variance
 @pytest.fixture
 def counts(monkeypatch):
     seen = {"checkpoint reads": 0, "input hashes": 0, "train split loads": 0, "content hashes": 0}
-    read, hash_inputs, load_split = checkpoint.read_artifact, checkpoint.tensor_hash, checkpoint.load_split
+    read, hash_inputs, load_split = checkpoint.read_artifact, checkpoint.tensor_hash, checkpoint.load_spec_split
     content_hash = artifacts.content_hash
 
     def counting_read(*args, **kwargs):
@@ -22,9 +22,9 @@ def counts(monkeypatch):
         seen["input hashes"] += 1
         return hash_inputs(t)
 
-    def counting_load(name, train, *args, **kwargs):
+    def counting_load(spec, train, *args, **kwargs):   # checkpoints load data through data_spec
         seen["train split loads"] += bool(train)
-        return load_split(name, train, *args, **kwargs)
+        return load_split(spec, train, *args, **kwargs)
 
     def counting_content_hash(data):
         seen["content hashes"] += 1
@@ -32,7 +32,7 @@ def counts(monkeypatch):
 
     monkeypatch.setattr(checkpoint, "read_artifact", counting_read)
     monkeypatch.setattr(checkpoint, "tensor_hash", counting_hash)
-    monkeypatch.setattr(checkpoint, "load_split", counting_load)
+    monkeypatch.setattr(checkpoint, "load_spec_split", counting_load)
     monkeypatch.setattr(artifacts, "content_hash", counting_content_hash)
     return seen
 
