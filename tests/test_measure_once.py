@@ -22,7 +22,7 @@ def counts(monkeypatch):
         seen["input hashes"] += 1
         return hash_inputs(t)
 
-    def counting_load(spec, train, *args, **kwargs):
+    def counting_load(spec, train, *args, **kwargs):   # checkpoints load data through data_spec
         seen["train split loads"] += bool(train)
         return load_split(spec, train, *args, **kwargs)
 
