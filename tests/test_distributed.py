@@ -5,8 +5,10 @@ environment so the test can check that no process of it outlives it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,14 +206,16 @@ def test_sharded_hutchinson_shards_probes(ckpt, tmp_path):
 # and pid; rank 0 echoes the driver's progress reports and waits for a line on stdin at one of them.
 LAUNCH_SCRIPT = """\
 import os, sys
-print(f"PID {os.environ.get('RANK', '0')} {os.getpid()}", flush=True)
+sys.stdout.write(f"PID {os.environ.get('RANK', '0')} {os.getpid()}\\n")   # one write: the ranks share the pipe
+sys.stdout.flush()
 import nfm_cli.hessian.driver as d
 orig, calls = d._report, [0]
 pause = int(os.environ.get('NFM_TEST_PAUSE_AT_REPORT', '-1'))
 def report(progress, est, units):
     if os.environ.get('RANK', '0') == '0':
         calls[0] += 1
-        print(f'REPORT {calls[0]} {units}', flush=True)
+        sys.stdout.write(f'REPORT {calls[0]} {units}\\n')
+        sys.stdout.flush()
         if calls[0] == pause:
             sys.stdin.readline()
     orig(progress, est, units)
@@ -238,13 +242,12 @@ def test_sigterm_to_a_sharded_run_saves_the_round_and_resumes(ckpt, single_and_d
     pids, seen = {}, []
     try:
         for line in proc.stdout:
-            if line.startswith("PID "):
-                rank, pid = line.split()[1:3]
+            for rank, pid in re.findall(r"PID (\d+) (\d+)", line):
                 pids[rank] = int(pid)
-            elif line.startswith("REPORT "):
-                seen.append(tuple(int(v) for v in line.split()[1:3]))
-                if seen[-1][0] == 2:
-                    break
+            reports = re.findall(r"REPORT (\d+) (\d+)", line)
+            seen.extend((int(c), int(u)) for c, u in reports)
+            if seen and seen[-1][0] == 2:
+                break
         assert seen[-1] == (2, 2) and sorted(pids) == ["0", "1"], (seen, pids)
         for pid in pids.values():
             os.kill(pid, signal.SIGTERM)
@@ -255,6 +258,9 @@ def test_sigterm_to_a_sharded_run_saves_the_round_and_resumes(ckpt, single_and_d
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pid in pids.values():           # workers orphaned by a failure above must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert f"interrupted by SIGTERM; 4 of 8 units of {out} are saved" in err, err
     assert err.count(" are saved") == 1                   # rank 0 alone saved (and says so)
