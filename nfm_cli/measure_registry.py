@@ -7,7 +7,7 @@ one entry here plus the code that computes it (``measures.py`` for the Hessian- 
 ones, ``fisher_rao.py`` for per-sample gradients); ``tests/test_measure_registry.py`` fails until
 both exist.
 
-``python -m nfm_cli.measure_registry`` prints README's table.
+``python scripts/measure_table.py`` prints README's table (the core itself never prints).
 """
 from __future__ import annotations
 
@@ -143,6 +143,3 @@ def readme_table() -> str:
     rows.append("From: " + "; ".join(f"`{key}`, {what}" for key, what in SOURCES.items()) + ".")
     return "\n".join(rows) + "\n"
 
-
-if __name__ == "__main__":
-    print(readme_table(), end="")

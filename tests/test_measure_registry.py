@@ -17,7 +17,7 @@ def test_readme_measure_table_is_the_registry():
     found = re.search(r"<!-- measure table:.*?-->\n(.*?)<!-- end of measure table -->", text, re.S)
     assert found, "README lacks the measure table markers"
     assert found.group(1) == reg.readme_table(), \
-        "README's measure table is stale: paste the output of `python -m nfm_cli.measure_registry`"
+        "README's measure table is stale: paste the output of `python scripts/measure_table.py`"
 
 
 def test_compute_measures_returns_exactly_the_registered_numbers():
