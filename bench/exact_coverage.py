@@ -19,9 +19,7 @@ import argparse
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nfm_models as models  # noqa: E402
+from bench import timing  # noqa: E402
+from bench.timing import median_iqr  # noqa: E402
 from nfm_cli.fisher_rao import fisher_rao_norm  # noqa: E402
 from nfm_cli.hessian import exact_diagonal  # noqa: E402
 
@@ -38,19 +38,7 @@ SECTION = "## Exact diagonal of resnet18 and Fisher-Rao from the rules (`bench/e
 
 def interleaved(functions: dict, repeats: int) -> dict[str, tuple[float, float, float]]:
     """{name: (median, first quartile, third quartile)} of interleaved timings after a warm-up each."""
-    for fn in functions.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-        out[name] = (statistics.median(values), q[0], q[2])
-    return out
+    return {name: median_iqr(values) for name, values in timing.interleaved(functions, repeats).items()}
 
 
 def resnet18():
