@@ -97,3 +97,21 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, read directly (not through nfm's readers)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def assert_same_artifact(got, want, ignore=("nfm.wall_time",)) -> None:
+    """Bit-identical tensors (names, dtypes, values) and metadata, except the keys in ``ignore``."""
+    gt, gm = read_safetensors(got)
+    wt, wm = read_safetensors(want)
+    assert sorted(gt) == sorted(wt), f"{got}: tensor names differ"
+    for name in wt:
+        assert gt[name].dtype == wt[name].dtype and torch.equal(gt[name], wt[name]), f"{got}: tensor {name} differs"
+    strip = lambda m: {k: v for k, v in m.items() if k not in ignore}  # noqa: E731
+    assert strip(gm) == strip(wm), f"{got}: metadata differs"

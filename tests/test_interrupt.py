@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from nfm_cli import interrupt
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.errors import NfmError
 from nfm_cli.training import train
-from tests.conftest import tiny_config
+from tests.conftest import assert_same_artifact, tiny_config
 
 # Launches the real CLI with training's progress events echoed on stdout ("BATCH", "EPOCH k"), so a
 # test can see how far the run got before it signals it, and count the minibatches a rerun trains.
@@ -32,21 +31,6 @@ LAUNCH_ECHO = (
 
 EPOCHS, BATCHES = 15, 8  # 256 samples in minibatches of 32
 SIGNAL_CFG = dict(epochs=EPOCHS, train_size=256, batch_size=32)
-
-
-def _load(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def assert_same_checkpoint(got, want):
-    gt, gm = _load(got)
-    wt, wm = _load(want)
-    assert sorted(gt) == sorted(wt)
-    for name in wt:
-        assert gt[name].dtype == wt[name].dtype and torch.equal(gt[name], wt[name]), name
-    gm.pop("nfm.wall_time"), wm.pop("nfm.wall_time")
-    assert gm == wm
 
 
 def _argv(out):
@@ -105,7 +89,7 @@ def test_signal_saves_progress_and_rerun_finishes_bit_identically(tmp_path, refe
                          env=_env(), timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split().count("BATCH") == EPOCHS * BATCHES - steps_before
-    assert_same_checkpoint(out, reference)
+    assert_same_artifact(out, reference)
 
 
 def test_stopped_inside_an_epoch_resumes_bit_identically(tmp_path, one_thread):
@@ -130,7 +114,7 @@ def test_stopped_inside_an_epoch_resumes_bit_identically(tmp_path, one_thread):
     assert art.meta["progress"] == {"epochs_done": 1, "batches_done": 3, "epochs": 3, "complete": False}
     result = train(cfg, part, device="cpu")
     assert result.status == "resumed" and result.resumed_from == (1, 3)
-    assert_same_checkpoint(part, full)
+    assert_same_artifact(part, full)
 
 
 def test_checkpoint_is_written_on_the_interval_and_at_the_end(tmp_path, one_thread):

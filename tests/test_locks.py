@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from nfm_cli import locks
 from nfm_cli.locks import EXIT_LOCKED, OutputLocked, lock_path, output_lock, read_holder
 from nfm_cli.pipeline import measure_checkpoint
 from nfm_cli.progress import NOTE
 from nfm_cli.training import TrainConfig, train
+from tests.conftest import assert_same_artifact, read_safetensors
 
 HOST = socket.gethostname()
 
@@ -183,21 +183,6 @@ def reference(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def _load(path: Path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def _assert_same(got: Path, want: Path) -> None:
-    gt, gm = _load(got)
-    wt, wm = _load(want)
-    assert sorted(gt) == sorted(wt)
-    for name in wt:
-        assert gt[name].dtype == wt[name].dtype and torch.equal(gt[name], wt[name]), name
-    strip = lambda m: {k: v for k, v in m.items() if k != "nfm.wall_time"}  # noqa: E731
-    assert strip(gm) == strip(wm)
-
-
 def _start_pair(argv: list[str]) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-m", "nfm_cli", *argv], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
@@ -243,7 +228,7 @@ def test_two_trains_on_one_out(tmp_path, reference):
     rerun = subprocess.run([sys.executable, "-m", "nfm_cli", "train", *TRAIN_ARGS, "--out", str(out)],
                            capture_output=True, text=True, env=ENV, timeout=300)
     assert rerun.returncode == 0, rerun.stderr                  # ... and taken over by the rerun
-    _assert_same(out, reference["ckpt"])
+    assert_same_artifact(out, reference["ckpt"])
     assert _leftovers(tmp_path) == []
 
 
@@ -266,13 +251,13 @@ def test_two_measures_on_one_out_with_wait(tmp_path, reference):
     assert holder.returncode == 0 and other.returncode == 0, results
     assert json.loads(results[0][0])["path"] == json.loads(results[1][0])["path"] == str(out)
     assert results[1][1] == "" and results[0][1] == ""            # nothing else on stderr (--json)
-    got_t, got_m = _load(out)
-    want_t, want_m = _load(reference["measures"])
+    got_t, got_m = read_safetensors(out)
+    want_t, want_m = read_safetensors(reference["measures"])
     assert got_m["nfm.result"] == want_m["nfm.result"] and got_m["nfm.config"] == want_m["nfm.config"]
     assert sorted(got_t) == sorted(want_t) and all(torch.equal(got_t[k], want_t[k]) for k in want_t)
     for loss in ("normalized-ce", "ce"):
         name = f"run.measures.hdiag-{loss}.safetensors"
-        _assert_same(tmp_path / name, reference["measures"].parent / name)
+        assert_same_artifact(tmp_path / name, reference["measures"].parent / name)
     assert _leftovers(tmp_path) == []
 
 

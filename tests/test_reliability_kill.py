@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from nfm_cli.hessian import compute_hessian_diagonal
 from nfm_cli.pipeline import measure_checkpoint
 from nfm_cli.training import TrainConfig, train
+from tests.conftest import assert_same_artifact, read_safetensors
 
 pytestmark = pytest.mark.integration
 
@@ -50,21 +50,6 @@ HDIAG_ARGS = {"exact": ["--estimator", "exact"],
               "hutchinson": ["--estimator", "hutchinson", "--probes", "6"],
               "finite-diff": ["--estimator", "finite-diff", "--probes", "6"]}
 BATCH = 32  # small batches: more units, more partial saves to land a kill in
-
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def assert_same_artifact(got: Path, want: Path, ignore=("nfm.wall_time",)) -> None:
-    gt, gm = _load(got)
-    wt, wm = _load(want)
-    assert sorted(gt) == sorted(wt), f"{got}: tensor names differ"
-    for name in wt:
-        assert gt[name].dtype == wt[name].dtype and torch.equal(gt[name], wt[name]), f"{got}: tensor {name} differs"
-    strip = lambda m: {k: v for k, v in m.items() if k not in ignore}  # noqa: E731
-    assert strip(gm) == strip(wm), f"{got}: metadata differs"
-
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -179,8 +164,8 @@ def _measure(folder, reference, seed, kills):
     argv = ["measure", str(reference["ckpt"]), "--out", str(out), "--estimator", "exact",
             "--batch-size", str(BATCH), "--save-every", "0", "--json"]
     outcomes = _kill_and_finish(argv, folder, random.Random(f"measure-{seed}"), kills)
-    got_t, got_m = _load(out)
-    want_t, want_m = _load(reference["measures"])
+    got_t, got_m = read_safetensors(out)
+    want_t, want_m = read_safetensors(reference["measures"])
     assert got_m["nfm.result"] == want_m["nfm.result"]  # exact equality of every measure (JSON text)
     # the parents are the hashes of the actual inputs (the Hessian files differ from the reference's
     # only in nfm.wall_time, compared below)

@@ -18,15 +18,14 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.hessian import compute_hessian_diagonal
 from nfm_cli.pipeline import measure_checkpoint
+from tests.conftest import assert_same_artifact, read_safetensors
 
 LAUNCH_ECHO = (
     "import os, sys, nfm_cli.hessian.driver as d\n"
@@ -50,21 +49,6 @@ UNITS = {"exact": 8, "hutchinson": 12, "finite-diff": 16}
 
 def _env(pause: int) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", NFM_TEST_PAUSE_AT_REPORT=str(pause))
-
-
-def _load(path: Path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def assert_same_artifact(got: Path, want: Path) -> None:
-    gt, gm = _load(got)
-    wt, wm = _load(want)
-    assert sorted(gt) == sorted(wt)
-    for name in wt:
-        assert gt[name].dtype == wt[name].dtype and torch.equal(gt[name], wt[name]), name
-    strip = lambda m: {k: v for k, v in m.items() if k != "nfm.wall_time"}  # noqa: E731
-    assert strip(gm) == strip(wm)
 
 
 def _reports(stdout: str) -> list[tuple[int, int]]:
@@ -159,8 +143,8 @@ def test_sigint_during_measure_saves_and_the_rerun_finishes(tiny_checkpoint, tmp
     assert read_artifact(tmp_path / "run.measures.hdiag-normalized-ce.safetensors").meta["progress"]["done"]
     again = rerun(argv)
     assert [u for _, u in again] == list(range(3, 9))   # normalized-ce is complete: only ce's last 5 units
-    got_t, got_m = _load(out)
-    want_t, want_m = _load(references["measures"])
+    got_t, got_m = read_safetensors(out)
+    want_t, want_m = read_safetensors(references["measures"])
     assert got_m["nfm.result"] == want_m["nfm.result"] and got_m["nfm.config"] == want_m["nfm.config"]
     assert sorted(got_t) == sorted(want_t) and all(torch.equal(got_t[k], want_t[k]) for k in want_t)
     for loss in ("normalized-ce", "ce"):
