@@ -97,7 +97,8 @@ def parse_grid_args(args: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def read_grid_file(path: str | Path) -> tuple[dict[str, list[Any]], list[int] | None]:
-    """A JSON or TOML file: field -> value or list of values, and optionally ``seeds``."""
+    """A JSON or TOML file: field -> value, list of values or range ``"start:stop:step"``, and optionally
+    ``seeds``."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -114,6 +115,8 @@ def read_grid_file(path: str | Path) -> tuple[dict[str, list[Any]], list[int] | 
     grid = {}
     for field, values in data.items():
         check_field(field)
+        if isinstance(values, str) and values.count(":") == 2:
+            values = parse_values(field, values)          # a range, as with --grid: "0:1:0.1"
         values = values if isinstance(values, list) else [values]
         if not values:
             raise NfmError(f"grid field {field!r} has no values", path)

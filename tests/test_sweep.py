@@ -57,6 +57,9 @@ def test_grid_files(tmp_path):
     for name in ("g.json", "g.toml"):
         grid, seeds = read_grid_file(tmp_path / name)
         assert grid == {"lr": [1e-3, 3e-4], "width": [8]} and seeds == [0, 2]
+    (tmp_path / "r.toml").write_text('random_ratio = "0:0.5:0.25"\nwidth = "4:8:2"\n')
+    grid, seeds = read_grid_file(tmp_path / "r.toml")
+    assert grid == {"random_ratio": [0.0, 0.25, 0.5], "width": [4, 6, 8]} and seeds is None
     (tmp_path / "bad.json").write_text('{"depthh": [1]}')
     with pytest.raises(NfmError, match="'depthh' is not an nfm train config field"):
         read_grid_file(tmp_path / "bad.json")
