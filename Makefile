@@ -6,10 +6,9 @@ STAMP := .make/installed
 DEMO_DIR ?= demo
 
 RESULTS ?= results
-RUNS ?= 22
 JOBS ?= 2
 
-.PHONY: install test test-fast test-slow lint fuzz demo reproduce clean
+.PHONY: install test test-fast test-slow lint fuzz demo reproduce reproduce-protocol clean
 
 install: $(STAMP)
 
@@ -34,24 +33,29 @@ $(STAMP): setup.cfg pyproject.toml
 	fi
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist; auto = one per core, at most 4); TEST_WORKERS=0 runs
+# them in this process.
+TEST_WORKERS ?= auto
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4)
+
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(XDIST)
 
 # The same minus the `integration` tests (torchrun processes, SIGKILLed runs): the quick loop while editing.
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow and not integration"
+	$(PYTHON) -m pytest -q $(XDIST) -m "not slow and not integration"
 
 # pyflakes, import order, docstrings on public functions (config: pyproject.toml [tool.ruff]).
 lint: install
 	$(PYTHON) -m ruff check .
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) -m pytest -q $(XDIST) -m slow
 
 # Reliability, long version: thousands of corrupt-file mutants per artifact kind and repeated SIGKILLs
 # of train / hessian-diag / measure (see RELIABILITY.md). NFM_FUZZ_COUNT sets mutants per kind.
 fuzz: install
-	$(PYTHON) -m pytest -q -m slow tests/test_reliability_fuzz.py tests/test_reliability_kill.py
+	$(PYTHON) -m pytest -q $(XDIST) -m slow tests/test_reliability_fuzz.py tests/test_reliability_kill.py
 
 # Three MLPs on a Fashion-MNIST subset with 0%, 30% and 100% random labels, each measured, then a
 # per-run table and figure1.png (a few minutes on 2 cores). DATA_DIR=folder and DOWNLOAD=1 are passed
@@ -59,17 +63,21 @@ fuzz: install
 demo: install
 	DATA_DIR="$(DATA_DIR)" DOWNLOAD="$(DOWNLOAD)" PYTHON="$(PYTHON)" scripts/demo.sh $(DEMO_DIR)
 
-# Sec. 6 at CPU scale: $(RUNS) MLPs on 1024 Fashion-MNIST samples, ratios 0.0..1.0 (run i gets
-# ratio i mod 11 and seed i), trained 60 epochs to ~100% training accuracy, measured, reported.
-# Resumable (rerun skips finished runs) and parallel ($(JOBS) runs at once).
+# Sec. 6 at CPU scale: 22 MLPs on 1024 Fashion-MNIST samples, random-label ratios 0.0..1.0 with two
+# seeds each (scripts/grids/reproduce.toml), trained 60 epochs to ~100% training accuracy, measured,
+# reported. One `nfm sweep`: resumable (rerun skips finished runs), $(JOBS) runs at once.
 reproduce: install
-	@mkdir -p $(RESULTS)/runs
-	seq 0 $$(( $(RUNS) - 1 )) | OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
-	  xargs -P $(JOBS) -I{} scripts/sweep_run.sh {} $(RESULTS)/runs
+	nfm sweep --grid-file scripts/grids/reproduce.toml --out $(RESULTS)/runs --jobs $(JOBS)
 	nfm report $(RESULTS)/runs/*.measures.safetensors --plot $(RESULTS)/plots --csv $(RESULTS)/runs.csv \
-	  --json > $(RESULTS)/correlations.json
-	nfm report $(RESULTS)/runs/*.measures.safetensors > $(RESULTS)/correlations.txt
+	  --json -q > $(RESULTS)/correlations.json
+	COLUMNS=150 nfm report $(RESULTS)/runs/*.measures.safetensors -q > $(RESULTS)/correlations.txt
 	cat $(RESULTS)/correlations.txt
+
+# Issue 11: the field's protocol at CPU scale (scripts/reproduce_protocol.sh): a Jiang et al.-style MLP
+# grid scored with the rival measures (report --protocol), and random-label sweeps of LeNet and of a
+# BatchNorm WRN-10-1 before and after `nfm rescale --mode bn`. About 1.5 h on 2 cores; resumable.
+reproduce-protocol: install
+	JOBS=$(JOBS) scripts/reproduce_protocol.sh $(RESULTS)/protocol
 
 clean:
 	rm -rf $(DEMO_DIR) .make build *.egg-info

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ from nfm_cli.cli import main
 from nfm_cli.hessian import compute_hessian_diagonal
 from nfm_cli.pipeline import solve_variance
 from nfm_cli.training import TrainConfig, train
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (make test runs ``-n auto``) each worker gets cores / workers torch threads,
+    so two workers on two cores do not fight over them; alone, torch keeps its default."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores_between_workers()
 
 
 @pytest.fixture(autouse=True)

@@ -58,6 +58,7 @@ def reference(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig, code, rerun", [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)])
 def test_signal_saves_progress_and_rerun_finishes_bit_identically(tmp_path, reference, sig, code, rerun):
     out = tmp_path / "run.safetensors"

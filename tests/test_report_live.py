@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_report import sweep
 
@@ -90,6 +91,7 @@ def test_load_runs_skips_everything_in_flight(tmp_path):
         assert word in reasons[name], (name, reasons[name])
 
 
+@pytest.mark.integration
 def test_cli_report_over_a_live_folder_counts_only_finished_runs(tmp_path):
     """The real command on ``runs/* runs/.*`` as a shell expands it, in a subprocess with a timeout
     (a FIFO must not block it)."""
