@@ -33,7 +33,7 @@ from nfm_cli.cli.options import (
 from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.hessian import SAVE_EVERY_SECONDS
 from nfm_cli.measure_registry import SUMMARY_DIAGNOSTICS, rival_keys, summary_keys
-from nfm_cli.pipeline import default_measures_path, measure_checkpoint
+from nfm_cli.measuring import default_measures_path, measure_checkpoint
 
 TOTALS = summary_keys() + SUMMARY_DIAGNOSTICS + rival_keys()
 

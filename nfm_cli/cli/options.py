@@ -18,7 +18,7 @@ from nfm_cli.checkpoint import model_names
 from nfm_cli.data import DATASETS
 from nfm_cli.hessian import DEFAULT_PROBES, ESTIMATORS, FD_SCALE
 from nfm_cli.losses import LOSS_NAMES
-from nfm_cli.pipeline import PRECISIONS
+from nfm_cli.measuring import PRECISIONS
 from nfm_cli.rescale import MODES
 from nfm_cli.training import OPTIMIZERS
 

@@ -11,7 +11,7 @@ from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.measure_cmd import finish
 from nfm_cli.cli.options import CheckpointArg, Json, MaxIter, Quiet, Tol
 from nfm_cli.cli.render import progress_bar
-from nfm_cli.pipeline import solve_variance
+from nfm_cli.solving import solve_variance
 
 
 @app.command("solve-variance", rich_help_panel=STEPS)
