@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-import nfm_cli.cli.report_cmd as report_cmd_module
 import nfm_cli.hessian.driver as driver_module
 import nfm_cli.measuring as measuring_module
+import nfm_cli.report as report_module
 import nfm_cli.rescale as rescale_module
 import nfm_cli.solving as solving_module
 import nfm_cli.training as training_module
@@ -111,7 +111,7 @@ def test_solve_variance_checks_the_solver_options_first(cli, monkeypatch, tmp_pa
     (["--plot", "{tmp}/missing/plots"], "parent folder"),
 ])
 def test_report_checks_its_outputs_before_reading(cli, monkeypatch, tmp_path, args, fragment):
-    _forbid(monkeypatch, report_cmd_module, "load_runs")
+    _forbid(monkeypatch, report_module, "load_runs")
     (tmp_path / "a-file").write_text("x")
     res = cli("report", tmp_path / "run.measures.safetensors", *[a.format(tmp=tmp_path) for a in args])
     _one_error_line(res, fragment)

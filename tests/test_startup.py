@@ -1,4 +1,5 @@
-"""Start-up: commands import only what they use; report reads only the metadata of measures files."""
+"""Start-up: help loads no torch; commands import only what they use; report reads only the metadata of
+measures files."""
 import os
 import subprocess
 import sys
@@ -13,14 +14,58 @@ from tests.test_report import make_result, write_measures
 HEAVY = ("torchvision", "scipy.stats", "matplotlib")
 CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
          f"print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+# what loading the command line and printing any help or the version must not import
+NUMERIC = ("torch", "torchvision", "numpy", "scipy", "safetensors")
+HELP_CHECK = f"""import sys
+from typer.main import get_command
+from nfm_cli.cli import app, main
+names = list(get_command(app).commands)
+for argv in [["--help"], ["--version"], ["--threads", "2", "train", "--help"], *[[n, "--help"] for n in names]]:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code in (0, None), (argv, exc.code)
+print("COMMANDS", ",".join(names))
+print("NUMERIC", ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & set({NUMERIC!r}))))
+"""
+
+
+def run_python(script: str, *argv, **env) -> list[str]:
+    res = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, **env))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.splitlines()
 
 
 def imported_by(*argv) -> set[str]:
-    res = subprocess.run([sys.executable, "-c", CHECK, *map(str, argv)], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, NFM_THREADS="1"))
-    line = [x for x in res.stdout.splitlines() if x.startswith("IMPORTED")]
-    assert line, res.stdout + res.stderr
-    return set(filter(None, line[-1].split(" ", 1)[1].split(",")))
+    lines = [x for x in run_python(CHECK, *argv, NFM_THREADS="1") if x.startswith("IMPORTED")]
+    assert lines
+    return set(filter(None, lines[-1].split(" ", 1)[1].split(",")))
+
+
+def test_help_and_version_of_every_command_import_no_torch_numpy_or_scipy():
+    """nfm --help, nfm COMMAND --help (with NFM_THREADS set, as under sweep) and --version stay torch-free."""
+    out = dict(line.split(" ", 1) for line in run_python(HELP_CHECK, NFM_THREADS="1")
+               if line.startswith(("COMMANDS", "NUMERIC")))
+    assert "train" in out["COMMANDS"].split(",") and "hessian-diag" in out["COMMANDS"].split(",")
+    assert out["NUMERIC"] == ""
+
+
+THREADS_CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+                 "import torch\nprint('THREADS', torch.get_num_threads(), torch.get_num_interop_threads())\n")
+
+
+def test_every_command_applies_threads_when_it_runs(tiny_checkpoint):
+    """--threads is applied when the command runs, where torch is first imported (here by inspect)."""
+    from typer.main import get_command
+
+    from nfm_cli.cli import NfmCommand, app
+    assert all(isinstance(c, NfmCommand) for c in get_command(app).commands.values())
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS") and k != "NFM_THREADS"}
+    res = subprocess.run([sys.executable, "-c", THREADS_CHECK, "--threads", "1", "inspect", str(tiny_checkpoint)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert [x for x in res.stdout.splitlines() if x.startswith("THREADS")] == ["THREADS 1 1"]
 
 
 def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_path):
