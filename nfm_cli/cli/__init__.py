@@ -10,6 +10,8 @@ modules it calls inside its function, so it pays only for what it uses.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import signal
 import sys
@@ -135,6 +137,8 @@ def _plain_flags(command: typer_click.Command) -> typer_click.Command:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``nfm`` script and ``python -m nfm_cli``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:    # the process's entry point (nfm, python -m nfm_cli): at exit, no garbage collection
+        atexit.register(gc.freeze)   # over torch's objects (~0.35 s); files are closed and flushed by then
     debug = "--debug" in args or os.environ.get("NFM_DEBUG", "") not in ("", "0")
     command = _plain_flags(typer.main.get_command(app))
     if _torchrun_rank() > 0:            # under torchrun only rank 0 prints (errors still go to stderr)
