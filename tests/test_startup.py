@@ -12,8 +12,8 @@ from nfm_cli.report import load_run, load_runs
 from tests.test_report import make_result, write_measures
 
 HEAVY = ("torchvision", "scipy.stats", "matplotlib")
-CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-         f"print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+CHECK = ("import sys\nfrom nfm_cli.cli import main\nwatched = sys.argv[1].split(',')\ntry:\n    main(sys.argv[2:])\n"
+         "except SystemExit:\n    pass\nprint('IMPORTED', ','.join(m for m in watched if m in sys.modules))\n")
 # what loading the command line and printing any help or the version must not import
 NUMERIC = ("torch", "torchvision", "numpy", "scipy", "safetensors")
 HELP_CHECK = f"""import sys
@@ -37,8 +37,8 @@ def run_python(script: str, *argv, **env) -> list[str]:
     return res.stdout.splitlines()
 
 
-def imported_by(*argv) -> set[str]:
-    lines = [x for x in run_python(CHECK, *argv, NFM_THREADS="1") if x.startswith("IMPORTED")]
+def imported_by(*argv, watched: tuple[str, ...] = HEAVY) -> set[str]:
+    lines = [x for x in run_python(CHECK, ",".join(watched), *argv, NFM_THREADS="1") if x.startswith("IMPORTED")]
     assert lines
     return set(filter(None, lines[-1].split(" ", 1)[1].split(",")))
 
@@ -76,6 +76,14 @@ def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_
                                                                                   normalized_sharpness=float(i)))
              for i in range(4)]
     assert imported_by("report", *files) == {"scipy.stats"}  # the correlations need it; no plots, no data
+
+
+def test_hessian_diag_quiet_imports_only_what_it_computes_with(tiny_checkpoint, tmp_path):
+    """No scipy, torchvision or rich progress bars; no sympy (torch.autograd's grad_outputs check)."""
+    watched = ("scipy", "torchvision", "matplotlib", "sympy", "rich.progress")
+    assert imported_by("hessian-diag", tiny_checkpoint, "--loss", "ce", "--estimator", "exact", "--out",
+                       tmp_path / "h.safetensors", "-q", watched=watched) == set()
+    assert (tmp_path / "h.safetensors").exists()
 
 
 def test_metadata_reader_agrees_with_the_full_reader(tmp_path):
