@@ -1,13 +1,23 @@
 """Model registry: name -> constructor.
 
+``CATALOG`` is the one list of models: each name and the module that defines it. It needs no torch,
+so the command line lists the names (``--model`` choices, ``--help``) without importing torch;
+``build(name)`` imports the model's module on first use, and that module registers its constructor
+with ``@register(name)``.
+
 A checkpoint stores the registry name and the constructor's keyword arguments, so
 ``build(name, **config)`` rebuilds exactly the trained architecture.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
+
+# name -> module that registers it (a new model: its module here, and @register(name) in it)
+CATALOG: dict[str, str] = {"lenet": "nfm_models.lenet", "mlp": "nfm_models.mlp", "wrn16-4": "nfm_models.wrn"}
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -20,11 +30,14 @@ class UnknownModelError(KeyError):
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class/function decorator adding a constructor under ``name``; duplicates are an error."""
+    """Class/function decorator adding a constructor under ``name``, from the module ``CATALOG`` names
+    for it; a name outside the catalog, another module's name, or a second registration is an error."""
 
     def add(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
+        if name not in CATALOG:
+            raise ValueError(f"model {name!r} is not in nfm_models.CATALOG; add it there (name -> module)")
+        if name in _REGISTRY or constructor.__module__ != CATALOG[name]:
+            raise ValueError(f"model {name!r} is already registered (by {CATALOG[name]})")
         _REGISTRY[name] = constructor
         return constructor
 
@@ -33,17 +46,16 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 
 def names() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(CATALOG)
 
 
 def build(name: str, **config) -> nn.Module:
     """Construct the registered model ``name`` with keyword arguments ``config``."""
-    try:
-        constructor = _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(f"unknown model {name!r}; valid models: {', '.join(names())}") from None
-    return constructor(**config)
-
-
-# Registration happens on import of the model modules.
-from nfm_models import lenet, mlp, wrn  # noqa: E402,F401
+    if name not in CATALOG:
+        raise UnknownModelError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    if name not in _REGISTRY:
+        importlib.import_module(CATALOG[name])   # registers it
+        if name not in _REGISTRY:
+            raise ValueError(f"{CATALOG[name]} does not register model {name!r}; decorate its constructor "
+                             f"with @register({name!r})")
+    return _REGISTRY[name](**config)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import nfm_models
 from nfm_cli.artifacts import Artifact, read_artifact
 from nfm_cli.data import Split, check_data_dir, subset_indices
 from nfm_cli.data_spec import DataSpec, load_spec_split
@@ -107,11 +106,6 @@ def tensor_hash(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (CPU, contiguous): the fingerprint of the training inputs."""
     import hashlib
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def model_names() -> list[str]:
-    """The names of the registered models (``--model`` choices)."""
-    return nfm_models.names()
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:

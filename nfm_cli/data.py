@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from nfm_cli.choices import DATASETS
 from nfm_cli.datafiles import CIFAR_BATCHES, CIFAR_FOLDER, IDX_FILES, cached, read_cifar_split, read_idx_split
 from nfm_cli.errors import NfmError
 from nfm_cli.rng import keyed_generator
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
 DEBIAN_ROOT = Path("/usr/share/datasets")
 
 # Per-channel mean/std of the training splits, used to standardise inputs.

@@ -1,6 +1,6 @@
 """``measure_model``: ``nfm measure`` on an ``nn.Module`` and tensors in memory, writing no file.
 
-It runs what ``pipeline.measure_checkpoint`` runs (the ``normalized-ce`` and ``ce`` Hessian diagonals
+It runs what ``measuring.measure_checkpoint`` runs (the ``normalized-ce`` and ``ce`` Hessian diagonals
 over the same seeded sample subset, the Fisher-Rao norm of eq. (25), the per-layer solve of (17))
 and returns the same dict as ``nfm measure --json`` prints, without ``path``; its ``metrics`` hold the
 loss and accuracy on ``(x, y)`` (and on ``(x_test, y_test)`` with the gap, when given).

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from nfm_cli.artifacts import _pid_alive
 from nfm_cli.errors import NfmError
 from nfm_cli.progress import ProgressFn, note
 
@@ -173,6 +172,7 @@ def _still_held(holder: Holder, fd: int, timeout: float, flocked: bool) -> bool:
         # with flock, a live holder on this host would have blocked us: the recorded process is dead
         if flocked or holder.pid is None or holder.pid == os.getpid():
             return False
+        from nfm_cli.artifacts import _pid_alive  # here, not at the top: EXIT_LOCKED in --help needs no torch
         return _pid_alive(holder.pid)
     try:
         age = time.time() - os.fstat(fd).st_mtime

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nfm_cli.choices import LOSS_NAMES
 from nfm_cli.errors import NfmError
-
-LOSS_NAMES = ("normalized-ce", "ce")
 
 # A sample's logits count as constant when their std is within this many machine epsilons of
 # their largest magnitude (see the module docstring).

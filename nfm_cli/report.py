@@ -24,21 +24,21 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from nfm_cli.artifacts import atomic_write, read_metadata
+from nfm_cli.choices import REPORT_GROUP_BY as DEFAULT_GROUP_BY
+from nfm_cli.choices import REPORT_MEASURES as DEFAULT_MEASURES
 from nfm_cli.errors import NfmError
 from nfm_cli.inflight import in_flight_reason
 from nfm_cli.measure_registry import DIAGNOSTICS as DIAGNOSTIC_KEYS
-from nfm_cli.measure_registry import RUN_LABELS, RUN_METRICS, measure_keys, summary_keys
+from nfm_cli.measure_registry import RUN_LABELS, RUN_METRICS, measure_keys
 from nfm_cli.progress import ProgressFn, report
 from nfm_cli.protocol import make_grid, protocol_scores, varying_axes
 
 # Names come from the measure registry (one place for each measure; see measure_registry.py).
 MEASURES = measure_keys()                    # flatness / norm measures, in table and CSV column order
-DEFAULT_MEASURES = summary_keys()
 DIAGNOSTICS = tuple(DIAGNOSTIC_KEYS)           # other top-level numbers of a result, not measures
 METRIC_NUMBERS = tuple(RUN_METRICS)
 METRIC_LABELS = RUN_LABELS
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
-DEFAULT_GROUP_BY = ("model", "dataset")
 
 EXACT_P_MAX_N = 8  # up to this many runs, p-values are exact permutation p-values (8! orderings)
 STATS = ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p")

@@ -26,10 +26,10 @@ from torch import fx, nn
 
 from nfm_cli.artifacts import write_artifact
 from nfm_cli.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.choices import RESCALE_MODES as MODES
 from nfm_cli.errors import NfmError
 from nfm_cli.rng import keyed_generator
 
-MODES = ("layer", "neuron", "bn")
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 # modules f with f(alpha x) = alpha f(x) for alpha > 0, applied per channel
 HOMOGENEOUS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)

@@ -186,7 +186,7 @@ def describe(run: Run) -> dict[str, Any]:
 def run_one(run: Run, *, rivals: bool = False, device: str = "auto", progress: ProgressFn = None) -> Path:
     """Train (or resume, or skip) and measure one run in this process; returns the measures file."""
     from nfm_cli.locks import output_lock
-    from nfm_cli.pipeline import measure_checkpoint
+    from nfm_cli.measuring import measure_checkpoint
     from nfm_cli.training import train
     # the same one-writer locks as nfm train / nfm measure: a requeued task meeting a run being written refuses
     with output_lock(run.checkpoint, progress=progress, command="nfm sweep"):

@@ -10,7 +10,7 @@ import torch
 
 from nfm_cli.cli import main
 from nfm_cli.hessian import compute_hessian_diagonal
-from nfm_cli.pipeline import solve_variance
+from nfm_cli.solving import solve_variance
 from nfm_cli.training import TrainConfig, train
 
 

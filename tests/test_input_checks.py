@@ -7,10 +7,11 @@ import math
 
 import pytest
 
-import nfm_cli.cli.report_cmd as report_cmd_module
 import nfm_cli.hessian.driver as driver_module
-import nfm_cli.pipeline as pipeline_module
+import nfm_cli.measuring as measuring_module
+import nfm_cli.report as report_module
 import nfm_cli.rescale as rescale_module
+import nfm_cli.solving as solving_module
 import nfm_cli.training as training_module
 from nfm_cli.training import DIVERGENCE_FACTOR, _flag_divergence
 
@@ -45,8 +46,8 @@ def _one_error_line(res, fragment):
 ])
 def test_measure_checks_every_option_before_the_hessians(cli, monkeypatch, tmp_path, tiny_checkpoint, args,
                                                          fragment):
-    _forbid(monkeypatch, pipeline_module, "compute_hessian_diagonal")
-    _forbid(monkeypatch, pipeline_module, "load_checkpoint")
+    _forbid(monkeypatch, measuring_module, "compute_hessian_diagonal")
+    _forbid(monkeypatch, measuring_module, "load_checkpoint")
     out = tmp_path / "m.safetensors"
     res = cli("measure", tiny_checkpoint, "--out", out, *[a.format(tmp=tmp_path) for a in args])
     _one_error_line(res, fragment)
@@ -95,7 +96,7 @@ def test_train_checks_options_before_loading_data(cli, monkeypatch, tmp_path, ar
 
 
 def test_solve_variance_checks_the_solver_options_first(cli, monkeypatch, tmp_path, tiny_checkpoint):
-    _forbid(monkeypatch, pipeline_module, "load_checkpoint")
+    _forbid(monkeypatch, solving_module, "load_checkpoint")
     res = cli("solve-variance", tiny_checkpoint, tmp_path / "h.safetensors", "--out", tmp_path / "m.safetensors",
               "--tol", "-1")
     _one_error_line(res, "Invalid value for '--tol'")
@@ -110,7 +111,7 @@ def test_solve_variance_checks_the_solver_options_first(cli, monkeypatch, tmp_pa
     (["--plot", "{tmp}/missing/plots"], "parent folder"),
 ])
 def test_report_checks_its_outputs_before_reading(cli, monkeypatch, tmp_path, args, fragment):
-    _forbid(monkeypatch, report_cmd_module, "load_runs")
+    _forbid(monkeypatch, report_module, "load_runs")
     (tmp_path / "a-file").write_text("x")
     res = cli("report", tmp_path / "run.measures.safetensors", *[a.format(tmp=tmp_path) for a in args])
     _one_error_line(res, fragment)

@@ -139,12 +139,12 @@ def test_negative_save_interval_is_refused(tmp_path, cli):
 
 def test_ctrl_c_caught_by_the_cli_framework_still_prints_how_to_resume(tmp_path, cli, monkeypatch):
     """A KeyboardInterrupt raised inside a command (typer turns it into exit 130 on its own)."""
-    import nfm_cli.cli.train_cmd as train_cmd
+    import nfm_cli.training as training  # nfm train imports train from here when it runs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_cmd, "train", interrupted)
+    monkeypatch.setattr(training, "train", interrupted)
     res = cli("train", "--dataset", "synthetic", "--out", tmp_path / "x.safetensors")
     assert res.code == 130
     assert "interrupted by SIGINT; rerun the same command to resume" in res.err

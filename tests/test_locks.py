@@ -25,7 +25,7 @@ import torch
 
 from nfm_cli import locks
 from nfm_cli.locks import EXIT_LOCKED, OutputLocked, lock_path, output_lock, read_holder
-from nfm_cli.pipeline import measure_checkpoint
+from nfm_cli.measuring import measure_checkpoint
 from nfm_cli.progress import NOTE
 from nfm_cli.training import TrainConfig, train
 from tests.conftest import assert_same_artifact, read_safetensors

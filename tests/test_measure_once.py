@@ -4,8 +4,9 @@ import pytest
 
 import nfm_cli.artifacts as artifacts
 import nfm_cli.checkpoint as checkpoint
-import nfm_cli.pipeline as pipeline
-from nfm_cli.pipeline import measure_checkpoint, solve_variance
+import nfm_cli.solving as solving
+from nfm_cli.measuring import measure_checkpoint
+from nfm_cli.solving import solve_variance
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_measure_reads_and_hashes_once(tiny_checkpoint, tmp_path, counts, monkey
     def no_reading_back(*args, **kwargs):
         raise AssertionError("measure read back a Hessian file it had just computed")
 
-    monkeypatch.setattr(pipeline, "read_hessian_diagonal", no_reading_back)
+    monkeypatch.setattr(solving, "read_hessian_diagonal", no_reading_back)
     out = tmp_path / "m.measures.safetensors"
     result = measure_checkpoint(tiny_checkpoint, out, device="cpu")
     assert counts["checkpoint reads"] == 1

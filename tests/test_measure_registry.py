@@ -22,7 +22,7 @@ def test_readme_measure_table_is_the_registry():
 
 def test_compute_measures_returns_exactly_the_registered_numbers():
     """Every top-level number compute_measures returns is a registered measure or diagnostic and vice
-    versa (the per-sample-gradient ones come from fisher_rao and are added by the pipeline)."""
+    versa (the per-sample-gradient ones come from fisher_rao and are added by measuring.measure_checkpoint)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
     hdiag = {n: torch.rand_like(p) for n, p in model.named_parameters()}

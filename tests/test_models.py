@@ -1,4 +1,7 @@
 """models/: the registry and each registered model."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -36,6 +39,16 @@ def test_registry_rejects_duplicates_and_unknown_names():
         models.register("mlp")(lambda: nn.Identity())
     with pytest.raises(models.UnknownModelError, match="lenet, mlp, wrn16-4"):
         models.build("resnet50")
+
+
+def test_catalog_names_the_models_without_importing_torch():
+    script = "import sys, nfm_models\nprint(','.join(nfm_models.names()), 'torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.stdout.split() == ["lenet,mlp,wrn16-4", "False"], res.stderr
+    for name, module in models.CATALOG.items():   # each catalog module registers its own name
+        assert isinstance(models.build(name), nn.Module) and models._REGISTRY[name].__module__ == module
+    with pytest.raises(ValueError, match="not in nfm_models.CATALOG"):
+        models.register("resnet50")(lambda: nn.Identity())
 
 
 def test_lenet_refuses_other_image_sizes():

@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from nfm_cli.hessian import compute_hessian_diagonal
-from nfm_cli.pipeline import measure_checkpoint
+from nfm_cli.measuring import measure_checkpoint
 from nfm_cli.training import TrainConfig, train
 from tests.conftest import assert_same_artifact, read_safetensors
 

@@ -24,7 +24,7 @@ import torch
 
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.hessian import compute_hessian_diagonal
-from nfm_cli.pipeline import measure_checkpoint
+from nfm_cli.measuring import measure_checkpoint
 from tests.conftest import assert_same_artifact, read_safetensors
 
 LAUNCH_ECHO = (

@@ -1,4 +1,5 @@
-"""Start-up: commands import only what they use; report reads only the metadata of measures files."""
+"""Start-up: help loads no torch; commands import only what they use; report reads only the metadata of
+measures files."""
 import os
 import subprocess
 import sys
@@ -11,16 +12,60 @@ from nfm_cli.report import load_run, load_runs
 from tests.test_report import make_result, write_measures
 
 HEAVY = ("torchvision", "scipy.stats", "matplotlib")
-CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-         f"print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+CHECK = ("import sys\nfrom nfm_cli.cli import main\nwatched = sys.argv[1].split(',')\ntry:\n    main(sys.argv[2:])\n"
+         "except SystemExit:\n    pass\nprint('IMPORTED', ','.join(m for m in watched if m in sys.modules))\n")
+# what loading the command line and printing any help or the version must not import
+NUMERIC = ("torch", "torchvision", "numpy", "scipy", "safetensors")
+HELP_CHECK = f"""import sys
+from typer.main import get_command
+from nfm_cli.cli import app, main
+names = list(get_command(app).commands)
+for argv in [["--help"], ["--version"], ["--threads", "2", "train", "--help"], *[[n, "--help"] for n in names]]:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code in (0, None), (argv, exc.code)
+print("COMMANDS", ",".join(names))
+print("NUMERIC", ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & set({NUMERIC!r}))))
+"""
 
 
-def imported_by(*argv) -> set[str]:
-    res = subprocess.run([sys.executable, "-c", CHECK, *map(str, argv)], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, NFM_THREADS="1"))
-    line = [x for x in res.stdout.splitlines() if x.startswith("IMPORTED")]
-    assert line, res.stdout + res.stderr
-    return set(filter(None, line[-1].split(" ", 1)[1].split(",")))
+def run_python(script: str, *argv, **env) -> list[str]:
+    res = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, **env))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout.splitlines()
+
+
+def imported_by(*argv, watched: tuple[str, ...] = HEAVY) -> set[str]:
+    lines = [x for x in run_python(CHECK, ",".join(watched), *argv, NFM_THREADS="1") if x.startswith("IMPORTED")]
+    assert lines
+    return set(filter(None, lines[-1].split(" ", 1)[1].split(",")))
+
+
+def test_help_and_version_of_every_command_import_no_torch_numpy_or_scipy():
+    """nfm --help, nfm COMMAND --help (with NFM_THREADS set, as under sweep) and --version stay torch-free."""
+    out = dict(line.split(" ", 1) for line in run_python(HELP_CHECK, NFM_THREADS="1")
+               if line.startswith(("COMMANDS", "NUMERIC")))
+    assert "train" in out["COMMANDS"].split(",") and "hessian-diag" in out["COMMANDS"].split(",")
+    assert out["NUMERIC"] == ""
+
+
+THREADS_CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+                 "import torch\nprint('THREADS', torch.get_num_threads(), torch.get_num_interop_threads())\n")
+
+
+def test_every_command_applies_threads_when_it_runs(tiny_checkpoint):
+    """--threads is applied when the command runs, where torch is first imported (here by inspect)."""
+    from typer.main import get_command
+
+    from nfm_cli.cli import NfmCommand, app
+    assert all(isinstance(c, NfmCommand) for c in get_command(app).commands.values())
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS") and k != "NFM_THREADS"}
+    res = subprocess.run([sys.executable, "-c", THREADS_CHECK, "--threads", "1", "inspect", str(tiny_checkpoint)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert [x for x in res.stdout.splitlines() if x.startswith("THREADS")] == ["THREADS 1 1"]
 
 
 def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_path):
@@ -31,6 +76,14 @@ def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_
                                                                                   normalized_sharpness=float(i)))
              for i in range(4)]
     assert imported_by("report", *files) == {"scipy.stats"}  # the correlations need it; no plots, no data
+
+
+def test_hessian_diag_quiet_imports_only_what_it_computes_with(tiny_checkpoint, tmp_path):
+    """No scipy, torchvision or rich progress bars; no sympy (torch.autograd's grad_outputs check)."""
+    watched = ("scipy", "torchvision", "matplotlib", "sympy", "rich.progress")
+    assert imported_by("hessian-diag", tiny_checkpoint, "--loss", "ce", "--estimator", "exact", "--out",
+                       tmp_path / "h.safetensors", "-q", watched=watched) == set()
+    assert (tmp_path / "h.safetensors").exists()
 
 
 def test_metadata_reader_agrees_with_the_full_reader(tmp_path):

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import typer
 
-from nfm_cli.cli import STEPS, app
+from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import (
     DEFAULT_PROBES,
     FD_SCALE,
+    HESSIAN_SAVE_EVERY_SECONDS,
     BatchSize,
     CheckpointArg,
     DataDir,
@@ -26,10 +27,9 @@ from nfm_cli.cli.options import (
     Seed,
 )
 from nfm_cli.cli.render import console, progress_bar
-from nfm_cli.hessian import SAVE_EVERY_SECONDS, compute_hessian_diagonal
 
 
-@app.command("hessian-diag", rich_help_panel=STEPS)
+@command("hessian-diag", STEPS)
 def hessian_diag_command(
     checkpoint: CheckpointArg,
     out: Path = typer.Option(..., "--out", "-o", help="hessian-diag file to write (safetensors). A partial one "
@@ -44,7 +44,7 @@ def hessian_diag_command(
     finite_diff_scale: FiniteDiffScale = FD_SCALE,
     device: Device = "auto",
     data_dir: DataDir = None,
-    save_every: SaveEvery = SAVE_EVERY_SECONDS,
+    save_every: SaveEvery = HESSIAN_SAVE_EVERY_SECONDS,
     force: Force = False,
     quiet: Quiet = False,
     wait: bool = wait_option(),
@@ -56,6 +56,7 @@ def hessian_diag_command(
     Saves its progress every minute (--save-every), and on Ctrl-C or SIGTERM (after the batch in progress;
     exit 130 / 143, also under torchrun); rerun the same command to continue. Prints the output path on stdout.
     """
+    from nfm_cli.hessian import compute_hessian_diagonal
     with locked(out, wait, "nfm hessian-diag"), progress_bar(quiet) as progress:
         result = compute_hessian_diagonal(checkpoint, out, loss=loss.value, estimator=estimator.value,
                                           probes=probes, samples=samples, batch_size=batch_size, seed=seed,

@@ -9,8 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from nfm_cli.artifacts import describe_artifact
-from nfm_cli.cli import STEPS, app
+from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.options import Json, flag
 from nfm_cli.cli.render import console, print_json
 
@@ -19,7 +18,7 @@ COLLAPSED = {"optim.": "optimizer state", "state.": "partial-run state"}  # one 
 SHOWN_TENSORS = 40
 
 
-@app.command("inspect", rich_help_panel=STEPS)
+@command("inspect", STEPS)
 def inspect_command(
     file: Path = typer.Argument(..., metavar="FILE", help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
     as_json: Json = False,
@@ -29,6 +28,7 @@ def inspect_command(
 ) -> None:
     """Show an artifact's kind, config and progress, then what it holds: a checkpoint's per-epoch
     history, a measures file's totals (per-layer with --layers), and the tensors."""
+    from nfm_cli.artifacts import describe_artifact
     info = describe_artifact(file)
     if as_json:
         print_json(info)

@@ -7,11 +7,12 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from nfm_cli.cli import WORKFLOW, app
+from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import (
     DEFAULT_PROBES,
     FD_SCALE,
+    HESSIAN_SAVE_EVERY_SECONDS,
     BatchSize,
     CheckpointArg,
     DataDir,
@@ -31,9 +32,7 @@ from nfm_cli.cli.options import (
     Tol,
 )
 from nfm_cli.cli.render import console, print_json, progress_bar
-from nfm_cli.hessian import SAVE_EVERY_SECONDS
 from nfm_cli.measure_registry import SUMMARY_DIAGNOSTICS, rival_keys, summary_keys
-from nfm_cli.pipeline import default_measures_path, measure_checkpoint
 
 TOTALS = summary_keys() + SUMMARY_DIAGNOSTICS + rival_keys()
 
@@ -90,7 +89,7 @@ def finish(result, as_json: bool, quiet: bool = False) -> None:
     typer.echo(str(result.path))
 
 
-@app.command("measure", rich_help_panel=WORKFLOW)
+@command("measure", WORKFLOW)
 def measure_command(
     checkpoint: CheckpointArg,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Measures file (default: CKPT's name with "
@@ -110,7 +109,7 @@ def measure_command(
     tol: Tol = 1e-10,
     max_iter: MaxIter = 10_000,
     data_dir: DataDir = None,
-    save_every: SaveEvery = SAVE_EVERY_SECONDS,
+    save_every: SaveEvery = HESSIAN_SAVE_EVERY_SECONDS,
     force: Force = False,
     rivals: bool = typer.Option(False, "--rivals", help="Also the rival sharpness measures of the literature "
                                 "(PAC-Bayes flatness and its magnitude-aware form, worst-case and magnitude-aware "
@@ -124,6 +123,7 @@ def measure_command(
 
     Ctrl-C or SIGTERM saves the Hessian in progress and exits (130 / 143); rerun the same command to resume.
     """
+    from nfm_cli.measuring import default_measures_path, measure_checkpoint
     # one lock for the measures file and its kept Hessian files (named after it)
     lock = locked(out or default_measures_path(checkpoint), wait, "nfm measure")
     with lock, progress_bar(quiet or as_json) as progress:

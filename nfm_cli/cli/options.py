@@ -1,9 +1,10 @@
 """Options shared by the commands, declared once: typed ``Annotated`` aliases and ``str`` Enums.
 
-The choices come from the core's own lists (losses, estimators, precisions, models, datasets, rescale
-modes), so a new value there shows up in every command's ``--help`` and validation. Ranges (``--epochs
->= 1``, ...) are checked by the parser before any work; the core checks them again in its own terms
-for Python callers.
+The choices and defaults come from the core's own lists (``nfm_cli.choices``: losses, estimators,
+precisions, datasets, rescale modes, optimizers; ``nfm_models.CATALOG``: models), so a new value there
+shows up in every command's ``--help`` and validation. Neither imports torch: loading the command line
+and printing help stay torch-free. Ranges (``--epochs >= 1``, ...) are checked by the parser before
+any work; the core checks them again in its own terms for Python callers.
 """
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from nfm_cli.checkpoint import model_names
-from nfm_cli.data import DATASETS
-from nfm_cli.hessian import DEFAULT_PROBES, ESTIMATORS, FD_SCALE
-from nfm_cli.losses import LOSS_NAMES
-from nfm_cli.pipeline import PRECISIONS
-from nfm_cli.rescale import MODES
-from nfm_cli.training import OPTIMIZERS
+import nfm_models
+from nfm_cli.choices import (
+    DATASETS,
+    DEFAULT_PROBES,
+    ESTIMATORS,
+    FD_SCALE,
+    HESSIAN_SAVE_EVERY_SECONDS,
+    LOSS_NAMES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RESCALE_MODES,
+)
 
 
 def _choices(name: str, values) -> type[enum.Enum]:
@@ -30,9 +36,9 @@ def _choices(name: str, values) -> type[enum.Enum]:
 Loss = _choices("Loss", LOSS_NAMES)
 Estimator = _choices("Estimator", ESTIMATORS)
 Precision = _choices("Precision", PRECISIONS)
-Model = _choices("Model", model_names())
+Model = _choices("Model", nfm_models.names())
 Dataset = _choices("Dataset", DATASETS)
-Mode = _choices("Mode", MODES)
+Mode = _choices("Mode", RESCALE_MODES)
 Optimizer = _choices("Optimizer", OPTIMIZERS)
 
 
@@ -79,5 +85,6 @@ Tol = Annotated[float, typer.Option(callback=positive, help="Solver tolerance: s
 MaxIter = Annotated[int, typer.Option("--max-iter", min=1, help="Solver iteration cap per layer.")]
 
 __all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "Device", "Estimator", "EstimatorOpt",
-           "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "Json", "Loss", "MaxIter", "Mode", "Model",
-           "Optimizer", "Precision", "Probes", "Quiet", "Samples", "SaveEvery", "Seed", "Tol", "flag", "positive"]
+           "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "HESSIAN_SAVE_EVERY_SECONDS", "Json", "Loss",
+           "MaxIter", "Mode", "Model", "Optimizer", "Precision", "Probes", "Quiet", "Samples", "SaveEvery", "Seed",
+           "Tol", "flag", "positive"]

@@ -10,21 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nfm_cli.cli import WORKFLOW, app
+from nfm_cli.choices import REPORT_GROUP_BY, REPORT_MEASURES
+from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.options import Json, Quiet
 from nfm_cli.cli.render import console, plural, print_json, progress_bar
-from nfm_cli.report import (
-    DEFAULT_GROUP_BY,
-    DEFAULT_MEASURES,
-    add_protocol,
-    check_group_by,
-    check_names,
-    check_outputs,
-    correlation_table,
-    group_runs,
-    load_runs,
-    write_csv,
-)
 
 
 def _cell(value: float) -> str:
@@ -39,12 +28,12 @@ def _split(values: Optional[list[str]]) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part.strip()]
 
 
-@app.command("report", rich_help_panel=WORKFLOW)
+@command("report", WORKFLOW)
 def report_command(
     files: list[Path] = typer.Argument(..., metavar="FILES...", help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
     x: Optional[list[str]] = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
-                                          f"Default: {','.join(DEFAULT_MEASURES)}."),
+                                          f"Default: {','.join(REPORT_MEASURES)}."),
     y: str = typer.Option("gap", "--y", help="What the measures should predict (default: the generalization gap, "
                           "train accuracy - test accuracy)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
@@ -55,7 +44,7 @@ def report_command(
                                "(runs with values <= 0 are left out and counted in the label)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
     as_json: Json = False,
-    group_by: str = typer.Option(",".join(DEFAULT_GROUP_BY), "--group-by",
+    group_by: str = typer.Option(",".join(REPORT_GROUP_BY), "--group-by",
                                  help="Comma-separated run fields to split groups by (model, dataset, seed, "
                                  "train_size, epochs), or 'none' for one group."),
     protocol: bool = typer.Option(False, "--protocol", help="Also score each measure the way Jiang et al. 2020 "
@@ -73,8 +62,17 @@ def report_command(
     Pearson r, Spearman rho and Kendall tau per group, optionally with scatter plots like the paper's
     Figures 1, 3 and 4, and the hyperparameter-grid scores of the generalization-measure literature
     (--protocol)."""
+    from nfm_cli.report import (
+        add_protocol,
+        check_group_by,
+        check_names,
+        check_outputs,
+        correlation_table,
+        load_runs,
+        write_csv,
+    )
     y = y.strip().replace("-", "_")
-    measures = check_names(_split(x) or list(DEFAULT_MEASURES), y)
+    measures = check_names(_split(x) or list(REPORT_MEASURES), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
                                                                        if g.strip())
     check_group_by(groups)
@@ -118,6 +116,7 @@ RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")
 
 def _print_runs(out: Console, runs: list[dict], measures: list[str], groups: tuple[str, ...], y: str) -> None:
     """One table per group, one row per run: the run's file name, ratio, accuracies, y, measures."""
+    from nfm_cli.report import group_runs
     for group, members in group_runs(runs, groups):
         name = ", ".join(f"{k}={v}" for k, v in group.items()) or "all runs"
         t = Table(title=escape(f"{name}: {plural(len(members), 'run')}"), title_justify="left")

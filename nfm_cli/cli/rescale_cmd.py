@@ -6,14 +6,13 @@ from typing import Optional
 
 import typer
 
-from nfm_cli.cli import STEPS, app
+from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import CheckpointArg, DataDir, Mode
 from nfm_cli.cli.render import console
-from nfm_cli.rescale import rescale_checkpoint
 
 
-@app.command("rescale", rich_help_panel=STEPS)
+@command("rescale", STEPS)
 def rescale_command(
     checkpoint: CheckpointArg,
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the rescaled checkpoint."),
@@ -32,6 +31,7 @@ def rescale_command(
 
     The input checkpoint is left unchanged. Normalized and matrix-normalized sharpness must not change; the Hessian trace and weight norms do.
     """
+    from nfm_cli.rescale import rescale_checkpoint
     with locked(out, wait, "nfm rescale"):
         result = rescale_checkpoint(checkpoint, out, mode.value, alpha=alpha, random_range=random_range,
                                     seed=seed, pair=pair, data_dir=data_dir)

@@ -6,15 +6,14 @@ from typing import Optional
 
 import typer
 
-from nfm_cli.cli import STEPS, app
+from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.measure_cmd import finish
 from nfm_cli.cli.options import CheckpointArg, Json, MaxIter, Quiet, Tol
 from nfm_cli.cli.render import progress_bar
-from nfm_cli.pipeline import solve_variance
 
 
-@app.command("solve-variance", rich_help_panel=STEPS)
+@command("solve-variance", STEPS)
 def solve_variance_command(
     checkpoint: CheckpointArg,
     hdiag: Path = typer.Argument(..., metavar="HDIAG", help="hessian-diag file of CHECKPOINT (normalized-ce for "
@@ -29,6 +28,7 @@ def solve_variance_command(
     wait: bool = wait_option(),
 ) -> None:
     """Solve problem (17) per weight matrix (lambda = 1/2, h clipped at 0) and compute the rival measures."""
+    from nfm_cli.solving import solve_variance
     with locked(out, wait, "nfm solve-variance"), progress_bar(quiet or as_json) as progress:
         result = solve_variance(checkpoint, hdiag, out, trace_hdiag=trace_hdiag, tol=tol, max_iter=max_iter,
                                 progress=progress)

@@ -6,13 +6,12 @@ from typing import Optional
 
 import typer
 
-from nfm_cli.cli import WORKFLOW, app
+from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.errors import NfmError
-from nfm_cli.sweep import command_line, describe, expand, parse_grid_args, read_grid_file, run_all, run_one
 
 
-@app.command("sweep", rich_help_panel=WORKFLOW)
+@command("sweep", WORKFLOW)
 def sweep_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the runs' checkpoints and measures files "
                              "(created if missing)."),
@@ -37,6 +36,7 @@ def sweep_command(
 ) -> None:
     """Train and measure a grid of runs as one resumable unit: every run is validated first, finished
     runs are skipped, and the same runs can be listed for any scheduler."""
+    from nfm_cli.sweep import command_line, describe, expand, parse_grid_args, read_grid_file, run_all, run_one
     spec, file_seeds = read_grid_file(grid_file) if grid_file is not None else ({}, None)
     for field, values in parse_grid_args(grid or []).items():
         if field in spec:

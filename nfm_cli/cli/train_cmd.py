@@ -6,14 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from nfm_cli.cli import WORKFLOW, app
+from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import Dataset, Device, Force, Model, Optimizer, Quiet, flag, positive
 from nfm_cli.cli.render import console, progress_bar
-from nfm_cli.training import DIVERGENCE_FACTOR, TrainConfig, train
 
 
-@app.command("train", rich_help_panel=WORKFLOW)
+@command("train", WORKFLOW)
 def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (safetensors). An incomplete one "
                              "with the same config is resumed; a complete one is left alone."),
@@ -59,6 +58,7 @@ def train_command(
     the same command to continue exactly where it stopped.
     Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
     """
+    from nfm_cli.training import DIVERGENCE_FACTOR, TrainConfig, train
     config = TrainConfig(model=model.value, dataset=dataset.value, width=width, depth=depth,
                          random_ratio=random_ratio, epochs=epochs, batch_size=batch_size, lr=lr,
                          optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay,

@@ -6,8 +6,8 @@
 * ``estimators.py``: each estimator as a resumable sequence of work units with float64 state.
 * ``driver.py``: the file-backed, resumable run (``nfm hessian-diag``) and reading its result back.
 """
+from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS, FD_SCALE
 from nfm_cli.hessian.driver import (
-    DEFAULT_PROBES,
     KIND,
     SAVE_EVERY_SECONDS,
     HessianDiagonal,
@@ -17,7 +17,7 @@ from nfm_cli.hessian.driver import (
     compute_hessian_diagonal,
     read_hessian_diagonal,
 )
-from nfm_cli.hessian.estimators import ESTIMATORS, DiagonalEstimate, estimate_diagonal
+from nfm_cli.hessian.estimators import DiagonalEstimate, estimate_diagonal
 from nfm_cli.hessian.exact import (
     PIECEWISE_LINEAR_LEAVES,
     RULES,
@@ -25,7 +25,7 @@ from nfm_cli.hessian.exact import (
     exact_diagonal,
     exact_diagonal_batch,
 )
-from nfm_cli.hessian.stochastic import FD_SCALE, finite_difference_radii
+from nfm_cli.hessian.stochastic import finite_difference_radii
 
 __all__ = ["auto_batch_size", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "KIND", "PIECEWISE_LINEAR_LEAVES",
            "RULES", "SAVE_EVERY_SECONDS", "DiagonalEstimate", "HessianDiagonal", "HessianResult",

@@ -44,12 +44,13 @@ import torch
 from nfm_cli import distributed, interrupt
 from nfm_cli.artifacts import Artifact, read_artifact, write_artifact
 from nfm_cli.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS, FD_SCALE
+from nfm_cli.choices import HESSIAN_SAVE_EVERY_SECONDS as SAVE_EVERY_SECONDS
 from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
-from nfm_cli.hessian.estimators import ESTIMATORS, Estimator, make_estimator
+from nfm_cli.hessian.estimators import Estimator, make_estimator
 from nfm_cli.hessian.exact import check_exact_supported
-from nfm_cli.hessian.stochastic import FD_SCALE
 from nfm_cli.losses import LOSS_NAMES
 from nfm_cli.memory import available_bytes
 from nfm_cli.progress import ProgressFn, report
@@ -61,8 +62,6 @@ MEMORY_SHARE = 0.5                 # ... at most this share of the memory still 
 # live memory per sample, in units of the layer outputs of one forward pass (measured on WRN-16-4:
 # exact ~3.6x, plus the separately bounded unfold cache; double backward about twice that)
 MEMORY_FACTOR = {"exact": 4, "hutchinson": 8, "finite-diff": 4}
-DEFAULT_PROBES = 100
-SAVE_EVERY_SECONDS = 60.0
 IDENTITY_KEYS = ("loss", "estimator", "samples", "probes", "seed", "finite_diff")
 FD_RULE = "r_t = scale * rms(theta_t) = scale * ||theta_t||_F / sqrt(numel); all-zero tensor: scale * rms(theta)"
 

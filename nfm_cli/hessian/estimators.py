@@ -37,8 +37,6 @@ from nfm_cli.hessian.stochastic import (
 from nfm_cli.losses import degenerate_mask
 from nfm_cli.progress import ProgressFn
 
-ESTIMATORS = ("exact", "hutchinson", "finite-diff")
-
 
 @dataclass
 class DiagonalEstimate:
@@ -300,7 +298,7 @@ def _trace_metrics(diagonal: dict[str, torch.Tensor], state: dict[str, torch.Ten
 def make_estimator(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *,
                    batch_size: int, probes: int | None = None, seed: int = 0,
                    finite_diff_scale: float = FD_SCALE, progress: ProgressFn = None) -> Estimator:
-    """The estimator ``name`` (one of ``ESTIMATORS``) over (x, y); the model must be in eval mode.
+    """The estimator ``name`` (one of ``choices.ESTIMATORS``) over (x, y); the model must be in eval mode.
     ``progress`` receives a note when a batch is split after running out of memory."""
     if name == "exact":
         est = ExactEstimator(model, x, y, loss, batch_size)

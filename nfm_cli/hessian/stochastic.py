@@ -35,10 +35,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from nfm_cli.choices import FD_SCALE
 from nfm_cli.losses import sum_loss
 from nfm_cli.rng import keyed_generator
-
-FD_SCALE = 0.1
 
 
 def rademacher_probe(params: dict[str, torch.Tensor], seed: int, index: int) -> dict[str, torch.Tensor]:

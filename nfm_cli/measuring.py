@@ -1,23 +1,15 @@
-"""``solve-variance`` and ``measure``: from a checkpoint and its Hessian diagonals to a measures file.
+"""``measure``: from a checkpoint to a measures file in one resumable step.
 
-``solve_variance`` reads a checkpoint and a ``hessian-diag`` file (refusing one computed from
-another checkpoint), computes every measure of ``measures.compute_measures`` and writes a
-``measures`` artifact: tensors ``sigma_row.<param>`` / ``sigma_col.<param>`` and metadata
-``result`` (what ``--json`` prints: totals, ``layers``, ``metrics``), ``config``, ``parents``.
-
-``measure_checkpoint`` is the one-shot path: the ``normalized-ce`` diagonal (for the normalized
-measures), the ``ce`` diagonal (for the Hessian-trace baseline, Sec. 6.2), the Fisher-Rao norm
-(eq. 25), then the solve. The two Hessian files are kept next to the output by default, so a killed
-``measure`` resumes where it stopped; a finished measures file for the same checkpoint and options
-is left alone, so rerunning a sweep skips finished runs.
+``measure_checkpoint`` computes the ``normalized-ce`` diagonal (for the normalized measures), the
+``ce`` diagonal (for the Hessian-trace baseline, Sec. 6.2), the Fisher-Rao norm (eq. 25), then the
+solve (``solving.solve_variance``). The two Hessian files are kept next to the output by default, so
+a killed ``measure`` resumes where it stopped; a finished measures file for the same checkpoint and
+options is left alone, so rerunning a sweep skips finished runs.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,90 +18,25 @@ import torch
 from nfm_cli import distributed
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import Checkpoint, checkpoint_from_artifact, load_checkpoint
+from nfm_cli.choices import PRECISIONS
 from nfm_cli.data import subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
 from nfm_cli.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
 from nfm_cli.hessian import (
+    DEFAULT_PROBES,
     FD_SCALE,
     SAVE_EVERY_SECONDS,
     HessianDiagonal,
     check_hessian_options,
     compute_hessian_diagonal,
-    read_hessian_diagonal,
 )
-from nfm_cli.measure_registry import RUN_METRICS
-from nfm_cli.measures import check_solver_options, compute_measures
+from nfm_cli.measures import check_solver_options
 from nfm_cli.progress import ProgressFn
 from nfm_cli.rivals import RivalOptions, rival_measures
+from nfm_cli.solving import MeasureResult, check_out_path, solve_variance
 
-RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth", "lr", "batch_size",
-                 "optimizer", "momentum", "weight_decay", "stop_at_loss")
-
-
-@dataclass
-class MeasureResult:
-    path: Path
-    status: str  # "written" or "already complete"
-    result: dict[str, Any]
-    intermediates: list[Path]
-
-
-def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
-    """The run's metrics and identity, copied into measures files so ``report`` needs nothing else."""
-    metrics = {k: ck.metrics.get(k) for k in RUN_METRICS}
-    metrics.update({k: ck.config.get(k) for k in RESULT_CONFIG})
-    metrics["checkpoint"] = str(ck.path)
-    return metrics
-
-
-def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.PathLike | HessianDiagonal,
-                   out: str | os.PathLike, *,
-                   trace_hdiag: str | os.PathLike | HessianDiagonal | None = None, fisher_rao: float | None = None,
-                   tol: float = 1e-10, max_iter: int = 10_000, progress: ProgressFn = None,
-                   extra_config: dict[str, Any] | None = None,
-                   extra_result: dict[str, Any] | None = None) -> MeasureResult:
-    """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``.
-
-    ``checkpoint`` is a path or an already loaded float32 ``Checkpoint``; ``hdiag`` / ``trace_hdiag``
-    are hessian-diag files or their contents already in memory (``measure`` passes what it has, so
-    nothing is read or hashed twice)."""
-    start = time.perf_counter()
-    check_solver_options(tol, max_iter)
-    check_out_path(out)
-    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    h_art = _hessian(hdiag, ck)
-    trace_art = h_art if trace_hdiag is None else _hessian(trace_hdiag, ck)
-    measures = compute_measures(ck.model, h_art.diagonal, trace_art.diagonal, tol=tol, max_iter=max_iter,
-                                progress=progress)
-    result = dict(measures.summary)
-    result["fisher_rao_norm"] = fisher_rao
-    result["hessian_loss"] = h_art.config["loss"]
-    result["trace_loss"] = trace_art.config["loss"]
-    result["metrics"] = checkpoint_metrics(ck)
-    result.update(extra_result or {})
-    for key, value in result.items():
-        if isinstance(value, float) and not math.isfinite(value) and key != "spectral_norm_product":
-            raise NfmError(f"measure {key} came out {value}; the Hessian file or checkpoint is broken", h_art.path)
-    parents = {"checkpoint": ck.sha256, "hessian": h_art.sha256, "trace_hessian": trace_art.sha256}
-    config = {"tol": tol, "max_iter": max_iter, "lambda": 0.5, "hessian_loss": result["hessian_loss"],
-              "trace_loss": result["trace_loss"], "estimator": h_art.config.get("estimator")}
-    config.update(extra_config or {})
-    meta = {"config": config, "parents": parents, "result": result, "checkpoint_path": str(ck.path),
-            "progress": {"complete": True}, "wall_time": time.perf_counter() - start}
-    write_artifact(out, measures.sigmas, "measures", meta)
-    return MeasureResult(Path(out), "written", result, [])
-
-
-def check_out_path(out: str | os.PathLike) -> None:
-    """``--out`` must name a file in an existing folder (checked before any work, and named as
-    ``--out``, not as one of the intermediate files written next to it)."""
-    out = Path(out)
-    if out.is_dir():
-        raise NfmError("--out is a directory; give a file name such as run.measures.safetensors", out)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise NfmError(f"the folder of --out ({str(folder)!r}) does not exist; create it first", out)
+DTYPES = {name: getattr(torch, name) for name in PRECISIONS}   # --precision -> the model's and data's dtype
 
 
 def refuse_diverged(ck: Checkpoint) -> None:
@@ -120,10 +47,6 @@ def refuse_diverged(ck: Checkpoint) -> None:
     where = f" at epoch {at}" if at else ""
     raise NfmError(f"training diverged{where} (see nfm inspect); its measures would mean nothing: retrain "
                    "with a smaller --lr", ck.path)
-
-
-def _hessian(hdiag: str | os.PathLike | HessianDiagonal, ck: Checkpoint) -> HessianDiagonal:
-    return hdiag if isinstance(hdiag, HessianDiagonal) else read_hessian_diagonal(hdiag, ck)
 
 
 def _in_memory(result: HessianDiagonal, ck: Checkpoint) -> HessianDiagonal:
@@ -140,9 +63,6 @@ def default_measures_path(checkpoint: str | os.PathLike) -> Path:
     return path.with_name(f"{stem}.measures.safetensors")
 
 
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-
-
 def intermediate_paths(out: Path, precision: str = "float32") -> dict[str, Path]:
     """The kept Hessian files: ``<out stem>.hdiag-<loss>[.float64].safetensors``."""
     stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
@@ -151,7 +71,7 @@ def intermediate_paths(out: Path, precision: str = "float32") -> dict[str, Path]
 
 
 def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                       estimator: str = "exact", samples: int | None = None, probes: int = 100,
+                       estimator: str = "exact", samples: int | None = None, probes: int = DEFAULT_PROBES,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
                        precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
                        force: bool = False, rivals: bool = False, finite_diff_scale: float = FD_SCALE,
@@ -170,7 +90,7 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                           finite_diff_scale=finite_diff_scale)
     out = Path(out) if out is not None else default_measures_path(checkpoint)
     check_out_path(out)
-    ck = load_checkpoint(checkpoint, data_dir, dtype=PRECISIONS[precision])
+    ck = load_checkpoint(checkpoint, data_dir, dtype=DTYPES[precision])
     refuse_diverged(ck)
     options = {"estimator": estimator, "samples": samples, "probes": probes if estimator != "exact" else None,
                "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision,
