@@ -13,6 +13,7 @@ ESTIMATORS = ("exact", "hutchinson", "finite-diff")     # hessian.estimators
 DEFAULT_PROBES = 100                                     # hessian: probes of hutchinson and finite-diff
 FD_SCALE = 0.1                                           # hessian.stochastic: finite-diff radius / rms(tensor)
 HESSIAN_SAVE_EVERY_SECONDS = 60.0                        # hessian.driver: partial state saved this often
+TRAIN_SAVE_EVERY_SECONDS = 60.0                          # training: the checkpoint saved this often
 PRECISIONS = ("float32", "float64")                      # measuring: the torch dtypes of these names
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")   # data: the registered datasets
 OPTIMIZERS = ("adam", "sgd")                             # training

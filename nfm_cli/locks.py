@@ -147,7 +147,7 @@ def _try_acquire(path: Path, timeout: float) -> tuple[int | None, Holder | None]
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _parse(_read_fd(fd)) or Holder("", None, None, "")
+            holder = _busy_holder(fd)
             os.close(fd)
             return None, holder
         except OSError as exc:
@@ -164,6 +164,17 @@ def _try_acquire(path: Path, timeout: float) -> tuple[int | None, Holder | None]
             return None, holder
         return fd, None
     return None, None
+
+
+def _busy_holder(fd: int, attempts: int = 50) -> Holder:
+    """The record of a lock another process holds with flock. It takes the flock before it writes its
+    record, so an empty file is read again for up to ``attempts`` x 10 ms before it counts as unknown."""
+    for _ in range(attempts):
+        holder = _parse(_read_fd(fd))
+        if holder is not None:
+            return holder
+        time.sleep(0.01)
+    return Holder("", None, None, "")
 
 
 def _still_held(holder: Holder, fd: int, timeout: float, flocked: bool) -> bool:

@@ -26,7 +26,7 @@ import nfm_models
 from nfm_cli import interrupt
 from nfm_cli.artifacts import read_artifact, write_artifact
 from nfm_cli.checkpoint import model_from_spec, tensor_hash
-from nfm_cli.choices import OPTIMIZERS
+from nfm_cli.choices import OPTIMIZERS, TRAIN_SAVE_EVERY_SECONDS
 from nfm_cli.data import check_data_dir, dataset_info, load_split, randomize_labels, subset_indices
 from nfm_cli.devices import resolve_device
 from nfm_cli.errors import NfmError
@@ -34,7 +34,7 @@ from nfm_cli.progress import ProgressFn, report
 from nfm_cli.rng import derive_seed, keyed_generator
 
 EVAL_BATCH = 1024
-SAVE_EVERY_SECONDS = 60.0
+SAVE_EVERY_SECONDS = TRAIN_SAVE_EVERY_SECONDS
 RUNNING_LOSS = "train.running_loss"  # the epoch's loss sum so far, in checkpoints saved inside an epoch
 # a run is flagged as diverged when its training loss exceeds this many times ln K (the loss of a
 # uniform guess over K classes), or any loss/accuracy is NaN/inf

@@ -71,6 +71,25 @@ def test_a_held_lock_is_refused_in_one_line_naming_the_holder(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_holder_that_has_not_written_its_record_yet_is_read_again(tmp_path):
+    """The holder takes flock before it writes its record: a second writer arriving in between must
+    wait for the record and name the holder, not print "host ?, pid ?" (a race seen in the two-process
+    test)."""
+    import fcntl
+    out = tmp_path / "run.safetensors"
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = threading.Timer(0.1, locks._write_holder, args=(fd, "nfm train"))
+    writer.start()
+    try:
+        with pytest.raises(OutputLocked, match=f"host {HOST}, pid {os.getpid()}"):
+            with output_lock(out):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     out = tmp_path / "run.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

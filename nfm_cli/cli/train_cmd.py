@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from nfm_cli.choices import TRAIN_SAVE_EVERY_SECONDS
 from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.locking import locked, wait_option
 from nfm_cli.cli.options import Dataset, Device, Force, Model, Optimizer, Quiet, flag, positive
@@ -45,7 +46,7 @@ def train_command(
                                             "before $NFM_DATA and /usr/share/datasets/<name>)."),
     download: Annotated[bool, flag("--download", help="Allow torchvision to download the dataset.")] = False,
     device: Device = "auto",
-    save_every: float = typer.Option(60.0, "--save-every", min=0.0, metavar="SECONDS", help="Write the checkpoint "
+    save_every: float = typer.Option(TRAIN_SAVE_EVERY_SECONDS, "--save-every", min=0.0, metavar="SECONDS", help="Write the checkpoint "
                                      "at most this often (and at the end, and on Ctrl-C or SIGTERM); 0 saves after "
                                      "every minibatch. Resuming is bit-identical whenever it was saved."),
     force: Force = False,
