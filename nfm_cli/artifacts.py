@@ -19,13 +19,14 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from nfm_cli.errors import NfmError
+
+# torch and safetensors are imported where tensors are read or written, so the header-only readers
+# (report over many files) stay light
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 1
 KINDS = ("checkpoint", "hessian-diag", "measures")
@@ -89,6 +90,7 @@ def read_artifact(path: str | os.PathLike, kind: str | Iterable[str] | None = No
         raise NfmError(f"cannot read: {exc.strerror or exc}", path) from None
     if not data:
         raise NfmError(f"is empty, not a {label} file", path)
+    from safetensors.torch import load as load_safetensors
     try:
         header_len = int.from_bytes(data[:8], "little")
         if len(data) < 8 or header_len > len(data) - 8:
@@ -182,6 +184,7 @@ def peek_kind(path: str | os.PathLike) -> str | None:
 
 def serialize(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> bytes:
     """The exact bytes ``write_artifact`` puts on disk (used for hashing before writing)."""
+    from safetensors.torch import save as save_safetensors
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     metadata = {_PREFIX + "format": str(FORMAT), _PREFIX + "kind": kind}
@@ -334,6 +337,7 @@ def _describe_write_error(exc: OSError) -> str:
 def describe_artifact(path: str | os.PathLike) -> dict[str, Any]:
     """A summary of any nfm artifact for ``nfm inspect``: kind, hash, metadata, tensor list,
     and the names of floating tensors holding NaN/inf (a diverged run shows up here)."""
+    import torch
     art = read_artifact(path)
     tensors = {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
                for name, t in art.tensors.items()}

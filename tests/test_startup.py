@@ -75,7 +75,8 @@ def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_
     files = [write_measures(tmp_path / f"r{i}.measures.safetensors", make_result(0.1 * i, 0.2 * i, seed=i,
                                                                                   normalized_sharpness=float(i)))
              for i in range(4)]
-    assert imported_by("report", *files) == {"scipy.stats"}  # the correlations need it; no plots, no data
+    # the correlations need scipy.stats; no plots, no data, and no torch: only the files' headers are read
+    assert imported_by("report", *files, watched=HEAVY + ("torch", "safetensors")) == {"scipy.stats"}
 
 
 def test_hessian_diag_quiet_imports_only_what_it_computes_with(tiny_checkpoint, tmp_path):

@@ -62,11 +62,14 @@ def _root(
     # --threads is applied by the command itself (``NfmCommand``) when it runs, not for its --help
 
 
-def set_threads(n: int) -> None:
+def set_threads(n: int, *, torch_too: bool = True) -> None:
     """One pool of ``n`` threads per library that computes: torch's (OpenMP, MKL) for the math, and
-    the BLAS that numpy/scipy load (the spectral norm); no extra inter-op pool."""
+    the BLAS that numpy/scipy load (the spectral norm); no extra inter-op pool. ``torch_too=False``
+    (a command that never computes with torch) sets the variables only, without importing torch."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)      # for libraries loaded from here on
+    if not torch_too:
+        return
     import torch
     torch.set_num_threads(n)
     try:
@@ -80,17 +83,26 @@ class NfmCommand(TyperCommand):
     that ``nfm --threads N COMMAND --help`` does not import torch and a command's torch work always
     runs with the threads set."""
 
+    uses_torch = True
+
     def invoke(self, ctx: typer_click.Context):
         threads = ctx.find_root().params.get("threads")
         if threads is not None:
-            set_threads(threads)
+            set_threads(threads, torch_too=self.uses_torch)
         return super().invoke(ctx)
 
 
-def command(name: str, panel: str):
+class TorchFreeCommand(NfmCommand):
+    """A command that reads only artifact headers and computes with numpy/scipy (``report``): the
+    threads reach their BLAS through the environment, and torch is not imported for them."""
+
+    uses_torch = False
+
+
+def command(name: str, panel: str, *, uses_torch: bool = True):
     """``@command("train", WORKFLOW)``: register a command on ``app`` (every command, so each applies
     ``--threads``), listed in the help panel ``panel``."""
-    return app.command(name, cls=NfmCommand, rich_help_panel=panel)
+    return app.command(name, cls=NfmCommand if uses_torch else TorchFreeCommand, rich_help_panel=panel)
 
 
 def _fail(message: str, code: int) -> None:

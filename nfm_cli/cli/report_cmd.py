@@ -28,7 +28,7 @@ def _split(values: Optional[list[str]]) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part.strip()]
 
 
-@command("report", WORKFLOW)
+@command("report", WORKFLOW, uses_torch=False)
 def report_command(
     files: list[Path] = typer.Argument(..., metavar="FILES...", help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
