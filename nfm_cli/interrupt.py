@@ -3,7 +3,8 @@
 ``install()`` (the CLI calls it) turns both signals into an ``Interrupted`` exception. Loops that can
 save their progress run inside ``deferred()``: there a signal is only recorded, the loop polls
 ``pending()`` between steps (where its state is consistent), saves, and raises ``Interrupted`` itself.
-A second signal while one is pending is raised at once (a user pressing Ctrl-C twice).
+A second SIGINT while one is pending is raised at once (a user pressing Ctrl-C twice); a second
+SIGTERM is the same request again and stays pending.
 
 ``Interrupted`` derives from ``BaseException`` and not from ``KeyboardInterrupt``, so neither
 ``except Exception`` nor the command-line framework's own Ctrl-C handling swallows it.
@@ -42,8 +43,10 @@ class Interrupted(BaseException):
 
 def _handler(signum, frame) -> None:
     global _pending
-    if _deferring and _pending is None:
-        _pending = signum
+    if _deferring and (_pending is None or signum == signal.SIGTERM):
+        # a repeated SIGTERM is the same request (a scheduler signalling every process of a job while
+        # the parent `nfm sweep` passes it on too): it must not cut short the save it asked for
+        _pending = signum if _pending is None else _pending
         return
     raise Interrupted(signum)
 

@@ -10,6 +10,7 @@ runs, and every run skips what it finished before (train and measure leave compl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -18,11 +19,13 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from nfm_cli import interrupt
 from nfm_cli.errors import NfmError
 from nfm_cli.progress import ProgressFn, report
 from nfm_cli.training import TrainConfig
@@ -196,14 +199,56 @@ def run_one(run: Run, *, rivals: bool = False, device: str = "auto", progress: P
     return run.measures
 
 
-def _run_subprocess(run: Run, grid_fields: Sequence[str], rivals: bool, device: str, threads: int) -> str | None:
+class _Children:
+    """The child processes of a ``--jobs`` sweep, in sessions of their own (so a terminal's Ctrl-C
+    reaches them only through this process), and the means to pass a signal on to them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, argv: list[str], env: dict[str, str]) -> tuple[int, str] | None:
+        """(exit code, stderr) of ``argv``; None when the sweep was stopped before it could start."""
+        with self.lock:
+            if self.stopped:
+                return None
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            self.live.add(proc)
+        try:
+            _, err = proc.communicate()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+        return proc.returncode, err
+
+    def stop(self, signum: int) -> int:
+        """Start no more children, pass ``signum`` to the running ones (they save their progress) and
+        wait for them; returns how many there were."""
+        with self.lock:
+            self.stopped = True
+            running = list(self.live)
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+        for proc in running:
+            proc.wait()
+        return len(running)
+
+
+def _run_subprocess(children: _Children, run: Run, grid_fields: Sequence[str], rivals: bool, device: str,
+                    threads: int) -> str | None:
     """The --list line of ``run`` as two child processes; None, or the error line of the failing one."""
     env = dict(os.environ, NFM_THREADS=str(threads))
     for args in (train_args(run, grid_fields) + ["--device", device], measure_args(run, rivals) + ["--device", device]):
-        done = subprocess.run([sys.executable, "-m", "nfm_cli", *args], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines()
-            return lines[-1] if lines else f"exit code {done.returncode}"
+        done = children.run([sys.executable, "-m", "nfm_cli", *args], env)
+        if done is None:
+            return "not started: the sweep was interrupted"
+        code, err = done
+        if code != 0:
+            lines = err.strip().splitlines()
+            return lines[-1] if lines else f"exit code {code}"
     return None
 
 
@@ -223,13 +268,21 @@ def run_all(runs: Sequence[Run], grid_fields: Sequence[str], *, jobs: int = 1, r
             report(progress, "runs", i + 1, len(runs), run=run.name)
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
+        children = _Children()
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_run_subprocess, run, grid_fields, rivals, device, threads) for run in runs]
-            for i, (run, future) in enumerate(zip(runs, futures)):
-                error = future.result()
-                if error is not None:
-                    failures.append((run.name, error))
-                report(progress, "runs", i + 1, len(runs), run=run.name)
+            futures = [pool.submit(_run_subprocess, children, run, grid_fields, rivals, device, threads)
+                       for run in runs]
+            try:
+                for i, (run, future) in enumerate(zip(runs, futures)):
+                    error = future.result()
+                    if error is not None:
+                        failures.append((run.name, error))
+                    report(progress, "runs", i + 1, len(runs), run=run.name)
+            except interrupt.Interrupted as stop:
+                pool.shutdown(wait=False, cancel_futures=True)
+                stopped = children.stop(stop.signum)
+                raise interrupt.Interrupted(stop.signum, f"{stopped} run(s) in progress were stopped and saved "
+                                            f"their progress under {runs[0].checkpoint.parent}") from None
     if failures:
         name, error = failures[0]
         raise NfmError(f"{len(failures)} of {len(runs)} runs failed (first: {name}: {error}); "

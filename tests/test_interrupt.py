@@ -159,3 +159,28 @@ def test_threads_option_sizes_the_pools(tiny_checkpoint, cli):
     finally:
         torch.set_num_threads(before)
     assert cli("--threads", "0", "inspect", tiny_checkpoint).code == 2
+
+
+def test_a_repeated_sigterm_stays_pending_and_a_second_ctrl_c_is_raised_at_once():
+    """Inside deferred(): SIGTERM twice (a scheduler and a parent sweep both passing it on) is one
+    request that lets the save finish; Ctrl-C twice is a user who will not wait."""
+    previous = interrupt.install()
+    try:
+        saved = False
+        with pytest.raises(interrupt.Interrupted) as after:
+            with interrupt.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert interrupt.pending() == signal.SIGTERM        # still here: not raised
+                saved = True                                        # (the save would go here)
+        assert saved and after.value.signum == signal.SIGTERM
+        with pytest.raises(interrupt.Interrupted) as at_once:
+            with interrupt.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                assert interrupt.pending() == signal.SIGINT
+                os.kill(os.getpid(), signal.SIGINT)
+                raise AssertionError("the second Ctrl-C was not raised at once")
+        assert at_once.value.signum == signal.SIGINT
+    finally:
+        interrupt.take()
+        interrupt.restore(previous)

@@ -1,9 +1,12 @@
 """``nfm sweep``: grid expansion and validation, --list through xargs -P 2 equals --jobs 2 and --index."""
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,43 @@ def test_rerun_skips_finished_runs(cli, tmp_path):
     assert {p.name: sha256_of(p) for p in out.glob("*.safetensors")} == before
     res = cli("sweep", "--out", out, *TINY, "--seeds", "0,1", "--index", "5")
     assert res.code == 1 and "outside the grid's 2 runs" in res.err
+
+
+@pytest.mark.integration
+def test_sigterm_to_a_jobs_sweep_stops_its_children_and_starts_no_more(tmp_path):
+    """SIGTERM to the `nfm sweep --jobs 2` process alone (not its children, which run in sessions of
+    their own): it passes the signal on, waits for both running children to stop, starts none of
+    the queued runs, and exits 143 with one line; no child, lock or temp file is left."""
+    from nfm_cli.locks import read_holder
+    out = tmp_path / "grid"
+    grid = ["model=mlp", "dataset=synthetic", "width=16", "train_size=256", "batch_size=256", "epochs=100000"]
+    argv = [sys.executable, "-m", "nfm_cli", "sweep", *[a for g in grid for a in ("--grid", g)], "--seeds", "0,1,2",
+            "--jobs", "2", "--out", str(out), "-q"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, NFM_THREADS="1"))
+    children: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while len(children) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        for lock in out.glob(".*.lock") if out.exists() else []:
+            holder = read_holder(lock)
+            if holder is not None and holder.pid:
+                children[lock.name] = holder.pid       # a child is training: it holds its checkpoint's lock
+        time.sleep(0.05)
+    try:
+        assert len(children) == 2, proc.stderr.read() if proc.poll() is not None else children
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    except BaseException:                            # on failure, leave no process behind
+        for pid in [proc.pid, *children.values()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 143, err
+    assert err.count("\n") == 1 and "interrupted by SIGTERM" in err and "2 run(s) in progress" in err, err
+    for pid in children.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not list(out.glob(".*.lock")) and not list(out.glob("*.tmp"))
+    assert not list(out.glob("*seed=2*"))            # the queued third run never started
+    for ckpt in out.glob("*.safetensors"):          # what was saved is a valid, unfinished checkpoint
+        assert read_artifact(ckpt, "checkpoint").meta["progress"]["complete"] is False
