@@ -101,6 +101,7 @@ def test_idx_header_is_checked(tmp_path):
         load_split("mnist", True, data_dir=folder)
 
 
+@pytest.mark.integration
 def test_reading_dataset_files_does_not_import_torchvision(tmp_path):
     folder = tmp_path / "mnist"
     _mnist(folder, 6)

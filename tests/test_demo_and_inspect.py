@@ -30,6 +30,7 @@ def _demo(tmp_path: Path, env_extra: dict[str, str]) -> subprocess.CompletedProc
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.integration
 def test_demo_without_fashion_mnist_falls_back_to_synthetic_with_a_note(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -46,6 +47,7 @@ def test_demo_without_fashion_mnist_falls_back_to_synthetic_with_a_note(tmp_path
     assert "figure1.png" in res.stdout and "What to look at" in res.stdout
 
 
+@pytest.mark.integration
 def test_demo_passes_data_dir_and_download_through(tmp_path):
     # DATA_DIR must hold Fashion-MNIST for the availability check: the Debian copy, where there is one
     debian = Path("/usr/share/datasets/fashion-mnist")

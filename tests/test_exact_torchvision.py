@@ -14,7 +14,6 @@ import zlib
 
 import pytest
 import torch
-import torchvision
 from test_hessian_diag import randomize_batchnorm, spot_diagonal
 
 from nfm_cli.errors import NfmError
@@ -24,9 +23,16 @@ from nfm_cli.losses import LOSS_NAMES
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def get_model(name: str) -> torch.nn.Module:
+    """A torchvision model with 10 classes (torchvision imported here, not at collection: only the
+    test worker that runs these tests pays for it)."""
+    import torchvision
+    return torchvision.models.get_model(name, weights=None, num_classes=10)
+
+
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    model = get_model(name)
     if name == "vgg11_bn":
         # the same graph (every layer and op in place) with a 64-wide classifier instead of 4096: the
         # 25088 x 4096 float64 Linear alone made each oracle test take 8 s and 1.6 GB
@@ -69,10 +75,10 @@ def test_exact_matches_the_double_backward_oracle(case, loss):
 
 @pytest.mark.parametrize("name", ["resnet34", "resnet50"])
 def test_deeper_resnets_are_accepted(name):
-    check_exact_supported(torchvision.models.get_model(name, weights=None, num_classes=10).eval())
+    check_exact_supported(get_model(name).eval())
 
 
 def test_a_torchvision_model_in_training_mode_is_refused_by_path():
-    model = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
+    model = get_model("resnet18")
     with pytest.raises(NfmError, match=r"layer 'bn1' \(BatchNorm2d\) is in training mode"):
         check_exact_supported(model)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,7 @@ def test_no_module_imports_the_top_level_name_models():
     assert not offenders
 
 
+@pytest.mark.integration
 def test_load_checkpoint_from_a_folder_with_its_own_models_package(tmp_path, tiny_checkpoint):
     """Common in ML repositories: the user's cwd has a models/ package; nfm must not pick it up."""
     own = tmp_path / "models"

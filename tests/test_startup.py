@@ -43,6 +43,7 @@ def imported_by(*argv, watched: tuple[str, ...] = HEAVY) -> set[str]:
     return set(filter(None, lines[-1].split(" ", 1)[1].split(",")))
 
 
+@pytest.mark.integration
 def test_help_and_version_of_every_command_import_no_torch_numpy_or_scipy():
     """nfm --help, nfm COMMAND --help (with NFM_THREADS set, as under sweep) and --version stay torch-free."""
     out = dict(line.split(" ", 1) for line in run_python(HELP_CHECK, NFM_THREADS="1")
@@ -55,6 +56,7 @@ THREADS_CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.a
                  "import torch\nprint('THREADS', torch.get_num_threads(), torch.get_num_interop_threads())\n")
 
 
+@pytest.mark.integration
 def test_every_command_applies_threads_when_it_runs(tiny_checkpoint):
     """--threads is applied when the command runs, where torch is first imported (here by inspect)."""
     from typer.main import get_command
@@ -68,6 +70,7 @@ def test_every_command_applies_threads_when_it_runs(tiny_checkpoint):
     assert [x for x in res.stdout.splitlines() if x.startswith("THREADS")] == ["THREADS 1 1"]
 
 
+@pytest.mark.integration
 def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_path):
     assert imported_by("--help") == set()
     assert imported_by("report", "--help") == set()
@@ -79,6 +82,7 @@ def test_help_inspect_and_report_import_no_heavy_libraries(tiny_checkpoint, tmp_
     assert imported_by("report", *files, watched=HEAVY + ("torch", "safetensors")) == {"scipy.stats"}
 
 
+@pytest.mark.integration
 def test_hessian_diag_quiet_imports_only_what_it_computes_with(tiny_checkpoint, tmp_path):
     """No scipy, torchvision or rich progress bars; no sympy (torch.autograd's grad_outputs check)."""
     watched = ("scipy", "torchvision", "matplotlib", "sympy", "rich.progress")
