@@ -23,7 +23,7 @@ nfm=${NFM:-nfm}
 grids=$(cd "$(dirname "$0")" && pwd)/grids
 runs=$out/runs
 export COLUMNS=${COLUMNS:-150}      # the width of the text tables written below
-mkdir -p "$runs"
+mkdir -p "$runs" "$out/plots"
 
 sweep() {   # sweep NAME [extra nfm sweep options]
   local name=$1; shift

@@ -29,7 +29,8 @@ def rescale_command(
 ) -> None:
     """Write a function-preserving rescaled copy of a checkpoint, checked on a batch of training inputs.
 
-    The input checkpoint is left unchanged. Normalized and matrix-normalized sharpness must not change; the Hessian trace and weight norms do.
+    The input checkpoint is left unchanged. Normalized sharpness must not change (matrix-normalized
+    sharpness only under one factor per layer, --alpha); the Hessian trace and weight norms do.
     """
     from nfm_cli.rescale import rescale_checkpoint
     with locked(out, wait, "nfm rescale"):
