@@ -134,8 +134,10 @@ def test_inspect_json_and_table(cli, tiny_checkpoint):
     assert table.code == 0 and "checkpoint" in table.err and "data.labels" in table.err
 
 
+@pytest.mark.integration
 def test_debug_shows_the_traceback(tmp_path):
-    res = subprocess.run(["nfm", "--debug", "inspect", str(tmp_path / "absent")], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "nfm_cli", "--debug", "inspect", str(tmp_path / "absent")],
+                         capture_output=True, text=True)
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from nfm_cli.cli.render import LogLines
 from nfm_cli.progress import ProgressEvent
 
@@ -64,6 +66,7 @@ def test_log_lines_for_other_tasks_are_sparser():
     assert lines[1].rstrip().endswith("eta 1m10s")  # 300 in 30 s, 700 left
 
 
+@pytest.mark.integration
 def test_train_logs_epochs_to_a_file_while_it_runs(tmp_path):
     """stderr to a file: lines must be readable before the process ends (no buffering until exit)."""
     log_path = tmp_path / "train.log"

@@ -34,10 +34,8 @@ import random
 import shutil
 from pathlib import Path
 
-import hypothesis
 import pytest
 import torch
-from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -335,6 +333,8 @@ def fuzz_one(cli, sources, tmp_path, kind: str, rng: random.Random, stats: dict)
 def run_fuzz(cli, sources, tmp_path, kind: str, count: int, seed: int) -> dict:
     """``count`` mutants drawn by hypothesis (seeded: the same mutants every run). Every random choice of
     the mutators comes from hypothesis, so a failing mutant is shrunk to a minimal one before it is shown."""
+    import hypothesis  # here, not at collection (0.8 s for every test worker)
+    from hypothesis import strategies as st
     stats: dict[str, dict[str, int]] = {}
 
     @hypothesis.seed(seed)
