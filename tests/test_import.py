@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -330,3 +332,49 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, bad_input_files, args, fr
     assert len(lines) == 1 and lines[0].startswith("nfm: error: ") and "Traceback" not in res.err, res.err
     assert fragment in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in tmp.iterdir() if p.is_file()} == before
+
+
+IMPORT_LAUNCH = (
+    "import sys, nfm_cli.importing as m\n"
+    "orig = m.report\n"
+    "def report(progress, task, done, total, **info):\n"
+    "    print('REPORT', info.get('step'), flush=True)\n"
+    "    if info.get('step') == 'evaluate':\n"
+    "        sys.stdin.readline()\n"
+    "    orig(progress, task, done, total, **info)\n"
+    "m.report = report\n"
+    "from nfm_cli.cli import main\n"
+    "main(sys.argv[1:])\n")
+
+
+@pytest.mark.integration
+def test_sigterm_during_import_exits_143_and_writes_nothing(tmp_path):
+    """`nfm import` has no partial progress to keep: SIGTERM while it evaluates the model (the launcher
+    holds it at that report) gives exit 143, one line, and no output, temp or lock file; a rerun
+    writes the checkpoint."""
+    data = tmp_path / "data.safetensors"
+    _tensors_file(data, (1, 4, 4), 3, 16, 8)
+    torch.manual_seed(0)
+    net = nfm_models.build("mlp", in_channels=1, image_size=4, num_classes=3, width=8, depth=1)
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    out = tmp_path / "ck.safetensors"
+    argv = ["import", "--model", "mlp", "--model-arg", "in_channels=1", "--model-arg", "image_size=4",
+            "--model-arg", "num_classes=3", "--model-arg", "width=8", "--model-arg", "depth=1",
+            "--weights", str(tmp_path / "w.safetensors"), "--data", f"tensors:{data}", "--out", str(out), "-q"]
+    proc = subprocess.Popen([sys.executable, "-c", IMPORT_LAUNCH, *argv], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "REPORT evaluate"    # held there: the signal lands mid-import
+        proc.send_signal(signal.SIGTERM)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert err.count("\n") == 1 and "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.safetensors", "w.safetensors"]
+    done = subprocess.run([sys.executable, "-m", "nfm_cli", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and out.exists(), done.stderr
