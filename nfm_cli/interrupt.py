@@ -46,7 +46,8 @@ def _handler(signum, frame) -> None:
     if _deferring and (_pending is None or signum == signal.SIGTERM):
         # a repeated SIGTERM is the same request (a scheduler signalling every process of a job while
         # the parent `nfm sweep` passes it on too): it must not cut short the save it asked for
-        _pending = signum if _pending is None else _pending
+        if _pending is None:
+            _pending = signum
         return
     raise Interrupted(signum)
 
