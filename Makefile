@@ -73,9 +73,10 @@ reproduce: install
 	COLUMNS=150 nfm report $(RESULTS)/runs/*.measures.safetensors -q > $(RESULTS)/correlations.txt
 	cat $(RESULTS)/correlations.txt
 
-# Issue 11: the field's protocol at CPU scale (scripts/reproduce_protocol.sh): a Jiang et al.-style MLP
-# grid scored with the rival measures (report --protocol), and random-label sweeps of LeNet and of a
-# BatchNorm WRN-10-1 before and after `nfm rescale --mode bn`. About 1.5 h on 2 cores; resumable.
+# Issue 11: the field's protocol at CPU scale (scripts/reproduce_protocol.sh): Jiang et al.-style MLP
+# grids (Adam, SGD, training-set size) scored with the rival measures (report --protocol), and
+# random-label sweeps of LeNet and of a BatchNorm WRN-10-1 before and after `nfm rescale --mode bn`.
+# About 1.5 h on 2 cores; resumable.
 reproduce-protocol: install
 	JOBS=$(JOBS) scripts/reproduce_protocol.sh $(RESULTS)/protocol
 

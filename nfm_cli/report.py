@@ -150,6 +150,26 @@ def load_runs(paths: Sequence[str | os.PathLike], y: str = "gap",
     return runs, skipped
 
 
+def drop_unconverged(runs: Sequence[dict], max_train_loss: float) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Jiang et al. 2020 compare only models trained to one stopping criterion (training cross-entropy
+    0.01) and leave out those that never reached it: returns (kept, dropped) with dropped = [(path,
+    reason), ...] for the runs whose final training loss is above ``max_train_loss`` or unknown."""
+    if not max_train_loss > 0:
+        raise NfmError(f"the largest training loss must be a positive number, not {max_train_loss}")
+    kept: list[dict] = []
+    dropped: list[tuple[str, str]] = []
+    for run in runs:
+        loss = _number(run.get("train_loss"))
+        if loss <= max_train_loss:
+            kept.append(run)
+        else:
+            dropped.append((run["path"], f"final training loss {loss:.3g} is above {max_train_loss:g}: the run "
+                                         "did not reach the stopping criterion"))
+    if not kept:
+        raise NfmError(f"none of the {len(runs)} runs has a final training loss of at most {max_train_loss:g}")
+    return kept, dropped
+
+
 def column(runs: Sequence[dict], name: str) -> np.ndarray:
     """The float64 values of ``name`` over ``runs`` (NaN where missing)."""
     return np.array([_number(run.get(name)) for run in runs], dtype=np.float64)

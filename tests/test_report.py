@@ -273,3 +273,27 @@ def test_cli_report_json_csv_plot_and_group_by(cli, tmp_path):
 
     res = cli("report", *good, "--plot", tmp_path / "no" / "such")
     assert res.code == 1 and "does not exist" in res.err
+
+
+def test_runs_that_missed_the_stopping_criterion_are_left_out_with_the_reason(cli, tmp_path):
+    """--max-train-loss: a run whose final training loss is above the limit (or unknown) is skipped with
+    its loss named; the correlations are those of the other runs alone."""
+    from nfm_cli.report import drop_unconverged, load_runs
+    files = []
+    for i, loss in enumerate([0.004, 0.01, 0.058, None, 0.009]):
+        result = make_result(0.1 * (i + 1), 0.1 * i, seed=i, normalized_sharpness=float(i * i))
+        result["metrics"]["train_loss"] = loss
+        files.append(write_measures(tmp_path / f"r{i}.measures.safetensors", result))
+    runs, _ = load_runs(files)
+    kept, dropped = drop_unconverged(runs, 0.01)
+    assert [r["path"] for r in kept] == [str(files[i]) for i in (0, 1, 4)]
+    assert [p for p, _ in dropped] == [str(files[2]), str(files[3])]
+    assert "final training loss 0.058 is above 0.01" in dropped[0][1] and "nan" in dropped[1][1]
+    with pytest.raises(NfmError, match="none of the 5 runs"):
+        drop_unconverged(runs, 1e-4)
+    res = cli("report", *files, "--max-train-loss", "0.01", "--json", "--group-by", "none", "-q")
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data["n_runs"] == 3 and sorted(s["path"] for s in data["skipped"]) == [str(files[2]), str(files[3])]
+    alone = json.loads(cli("report", *[files[i] for i in (0, 1, 4)], "--json", "--group-by", "none", "-q").out)
+    assert data["groups"][0]["correlations"] == alone["groups"][0]["correlations"]

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from nfm_cli.choices import REPORT_GROUP_BY, REPORT_MEASURES
 from nfm_cli.cli import WORKFLOW, command
-from nfm_cli.cli.options import Json, Quiet
+from nfm_cli.cli.options import Json, Quiet, positive
 from nfm_cli.cli.render import console, plural, print_json, progress_bar
 
 
@@ -53,6 +53,11 @@ def report_command(
                                   "sign error (max, 90th percentile); see README."),
     bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="With --protocol: bootstrap replicates over "
                                   "seeds for the 95% intervals (when the runs have several seeds; 0: none)."),
+    max_train_loss: Optional[float] = typer.Option(None, "--max-train-loss", callback=positive,
+                                                   metavar="LOSS", help="Leave out (as skipped, with the reason) "
+                                                   "runs whose final training loss is above LOSS, as Jiang et al. "
+                                                   "2020 leave out models that did not reach their stopping "
+                                                   "criterion (e.g. 0.01 with nfm train --stop-at-loss 0.01)."),
     per_run: bool = typer.Option(False, "--runs", help="Print one row per run (random-label ratio, accuracies, "
                                  "gap and the --x measures) instead of the correlations; with --json, add them."),
     quiet: Quiet = False,
@@ -68,6 +73,7 @@ def report_command(
         check_names,
         check_outputs,
         correlation_table,
+        drop_unconverged,
         load_runs,
         write_csv,
     )
@@ -79,6 +85,9 @@ def report_command(
     check_outputs(plot, csv_path)
     with progress_bar(quiet or not console.is_terminal) as on_event:
         runs, skipped = load_runs(files, y=y, progress=on_event)
+        if max_train_loss is not None:
+            runs, dropped = drop_unconverged(runs, max_train_loss)
+            skipped += dropped
         table = correlation_table(runs, measures, y=y, group_by=groups)
         if protocol:
             add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
