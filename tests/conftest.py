@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -127,3 +129,30 @@ def assert_same_artifact(got, want, ignore=("nfm.wall_time",)) -> None:
         assert gt[name].dtype == wt[name].dtype and torch.equal(gt[name], wt[name]), f"{got}: tensor {name} differs"
     strip = lambda m: {k: v for k, v in m.items() if k not in ignore}  # noqa: E731
     assert strip(gm) == strip(wm), f"{got}: metadata differs"
+
+
+def signal_when_ready(cmd: list[str], ready: Callable[[str], bool], sig: int, env: dict[str, str] | None = None,
+                      timeout: float = 300) -> tuple[int, str, list[str]]:
+    """Run ``cmd`` (a launcher that prints its progress on stdout and, at the chosen point, waits for a
+    line on stdin); once a stdout line satisfies ``ready`` the process is known to be there: send
+    ``sig``, release it, and return (exit code, stderr, every stdout line). The process never outlives
+    the call."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line.rstrip("\n"))
+            if ready(seen[-1]):
+                break
+        else:
+            raise AssertionError(f"the run ended before the point to signal it: {proc.stderr.read()}")
+        proc.send_signal(sig)             # it waits on stdin: the signal lands at a known point
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        rest, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err, seen + rest.splitlines()

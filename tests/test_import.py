@@ -16,6 +16,7 @@ from nfm_cli import load_checkpoint
 from nfm_cli.data import synthetic_split
 from nfm_cli.errors import NfmError
 from nfm_cli.model_source import parse_model_args
+from tests.conftest import signal_when_ready
 
 USER_MODULE = '''
 from torch import nn
@@ -361,19 +362,9 @@ def test_sigterm_during_import_exits_143_and_writes_nothing(tmp_path):
     argv = ["import", "--model", "mlp", "--model-arg", "in_channels=1", "--model-arg", "image_size=4",
             "--model-arg", "num_classes=3", "--model-arg", "width=8", "--model-arg", "depth=1",
             "--weights", str(tmp_path / "w.safetensors"), "--data", f"tensors:{data}", "--out", str(out), "-q"]
-    proc = subprocess.Popen([sys.executable, "-c", IMPORT_LAUNCH, *argv], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "REPORT evaluate"    # held there: the signal lands mid-import
-        proc.send_signal(signal.SIGTERM)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err
+    code, err, _ = signal_when_ready([sys.executable, "-c", IMPORT_LAUNCH, *argv],
+                                     lambda line: line == "REPORT evaluate", signal.SIGTERM)   # held mid-import
+    assert code == 143, err
     assert err.count("\n") == 1 and "interrupted by SIGTERM" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.safetensors", "w.safetensors"]
     done = subprocess.run([sys.executable, "-m", "nfm_cli", *argv], capture_output=True, text=True, timeout=120)

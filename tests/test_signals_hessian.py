@@ -25,7 +25,7 @@ import torch
 from nfm_cli.artifacts import read_artifact
 from nfm_cli.hessian import compute_hessian_diagonal
 from nfm_cli.measuring import measure_checkpoint
-from tests.conftest import assert_same_artifact, read_safetensors
+from tests.conftest import assert_same_artifact, read_safetensors, signal_when_ready
 
 LAUNCH_ECHO = (
     "import os, sys, nfm_cli.hessian.driver as d\n"
@@ -58,25 +58,9 @@ def _reports(stdout: str) -> list[tuple[int, int]]:
 
 def signal_at(argv: list[str], pause: int, sig: int) -> tuple[int, str, list[tuple[int, int]]]:
     """Run the CLI, send ``sig`` while it waits at report number ``pause``; (exit code, stderr, reports)."""
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH_ECHO, *argv], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(pause))
-    seen = []
-    try:
-        for line in proc.stdout:
-            if line.startswith("REPORT "):
-                seen.append(tuple(int(v) for v in line.split()[1:3]))
-                if seen[-1][0] == pause:
-                    break
-        assert seen and seen[-1][0] == pause, f"the run ended before report {pause}: {proc.stderr.read()}"
-        proc.send_signal(sig)             # it is blocked in the report: the signal lands at a known unit
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        rest, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, err, seen + _reports(rest)
+    code, err, lines = signal_when_ready([sys.executable, "-c", LAUNCH_ECHO, *argv],
+                                         lambda line: line.startswith(f"REPORT {pause} "), sig, env=_env(pause))
+    return code, err, _reports("\n".join(lines))
 
 
 def rerun(argv: list[str]) -> list[tuple[int, int]]:
