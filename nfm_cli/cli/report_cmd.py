@@ -105,22 +105,31 @@ def report_command(
                 "n_runs": len(runs), "groups": table,
                 "skipped": [{"path": p, "reason": r} for p, r in skipped],
                 "plots": [str(p) for p in plots], "csv": str(written_csv) if written_csv else None}
-        if per_run:
-            data["runs"] = [{k: run.get(k) for k in ("path",) + RUN_COLUMNS + (y,) + tuple(measures)}
-                            for run in runs]
-        print_json(data)
+        print_json(_with_runs(data, runs, measures, y) if per_run else data)
         return
-    out = Console()  # the table is report's main output: stdout
+    _print_tables(runs, table, measures, groups, y, protocol, per_run)
+    _print_notes(runs, files, skipped, plots, plot, written_csv)
+
+
+RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")
+
+
+def _with_runs(data: dict, runs: list[dict], measures: list[str], y: str) -> dict:
+    """``--json --runs``: the report plus one entry per run (its file, ratio, accuracies, y, measures)."""
+    data["runs"] = [{k: run.get(k) for k in ("path",) + RUN_COLUMNS + (y,) + tuple(measures)} for run in runs]
+    return data
+
+
+def _print_tables(runs: list[dict], table: list[dict], measures: list[str], groups: tuple[str, ...], y: str,
+                  protocol: bool, per_run: bool) -> None:
+    """The report's main output on stdout: the per-run rows (``--runs``) or the correlation tables."""
+    out = Console()
     if not out.is_terminal:  # a file or pipe has no width: do not squeeze the table into 80 columns
         out = Console(width=max(out.width, 120))
     if per_run:
         _print_runs(out, runs, measures, groups, y)
     else:
         _print_correlations(out, table, y, protocol)
-    _print_notes(runs, files, skipped, plots, plot, written_csv)
-
-
-RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")
 
 
 def _print_runs(out: Console, runs: list[dict], measures: list[str], groups: tuple[str, ...], y: str) -> None:
