@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,16 +198,23 @@ def test_nfm_trained_weights_reimported_reproduce_the_run(cli, tmp_path, tiny_ch
         assert mine[key] == theirs[key], key
 
 
-def test_moved_tensors_file_is_found_with_data_dir(cli, tmp_path):
-    data = tmp_path / "data.safetensors"
+def _small_tensors_import(tmp_path) -> tuple[torch.Tensor, Path, Path, list[str]]:
+    """A 1x4x4, 3-class tensors file (16 train, 8 test samples) and a seeded small MLP's weights in
+    ``tmp_path``: (train inputs, data file, checkpoint to write, the ``nfm import`` arguments)."""
+    data, out = tmp_path / "data.safetensors", tmp_path / "ck.safetensors"
     x, *_ = _tensors_file(data, (1, 4, 4), 3, 16, 8)
     torch.manual_seed(0)
     net = nfm_models.build("mlp", in_channels=1, image_size=4, num_classes=3, width=8, depth=1)
     save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    out = tmp_path / "ck.safetensors"
-    res = cli("import", "--model", "mlp", "--model-arg", "in_channels=1", "--model-arg", "image_size=4",
-              "--model-arg", "num_classes=3", "--model-arg", "width=8", "--model-arg", "depth=1",
-              "--weights", tmp_path / "w.safetensors", "--data", f"tensors:{data}", "--out", out, "-q")
+    argv = ["import", "--model", "mlp", "--model-arg", "in_channels=1", "--model-arg", "image_size=4",
+            "--model-arg", "num_classes=3", "--model-arg", "width=8", "--model-arg", "depth=1",
+            "--weights", str(tmp_path / "w.safetensors"), "--data", f"tensors:{data}", "--out", str(out), "-q"]
+    return x, data, out, argv
+
+
+def test_moved_tensors_file_is_found_with_data_dir(cli, tmp_path):
+    x, data, out, argv = _small_tensors_import(tmp_path)
+    res = cli(*argv)
     assert res.code == 0, res.err
     moved = tmp_path / "elsewhere"
     moved.mkdir()
@@ -353,15 +361,7 @@ def test_sigterm_during_import_exits_143_and_writes_nothing(tmp_path):
     """`nfm import` has no partial progress to keep: SIGTERM while it evaluates the model (the launcher
     holds it at that report) gives exit 143, one line, and no output, temp or lock file; a rerun
     writes the checkpoint."""
-    data = tmp_path / "data.safetensors"
-    _tensors_file(data, (1, 4, 4), 3, 16, 8)
-    torch.manual_seed(0)
-    net = nfm_models.build("mlp", in_channels=1, image_size=4, num_classes=3, width=8, depth=1)
-    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    out = tmp_path / "ck.safetensors"
-    argv = ["import", "--model", "mlp", "--model-arg", "in_channels=1", "--model-arg", "image_size=4",
-            "--model-arg", "num_classes=3", "--model-arg", "width=8", "--model-arg", "depth=1",
-            "--weights", str(tmp_path / "w.safetensors"), "--data", f"tensors:{data}", "--out", str(out), "-q"]
+    _, _, out, argv = _small_tensors_import(tmp_path)
     code, err, _ = signal_when_ready([sys.executable, "-c", IMPORT_LAUNCH, *argv],
                                      lambda line: line == "REPORT evaluate", signal.SIGTERM)   # held mid-import
     assert code == 143, err
