@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nfm_models as models  # noqa: E402
 from bench import timing  # noqa: E402
 from bench.timing import median_iqr  # noqa: E402
-from nfm_cli.fisher_rao import fisher_rao_norm  # noqa: E402
-from nfm_cli.hessian import exact_diagonal  # noqa: E402
+from nfm_cli.curvature.exact import exact_diagonal  # noqa: E402
+from nfm_cli.measures.fisher_rao import fisher_rao_norm  # noqa: E402
 
 SECTION = "## Exact diagonal of resnet18 and Fisher-Rao from the rules (`bench/exact_coverage.py`)"
 

@@ -4,7 +4,7 @@ Trains (once; cached in --workdir) an MLP 784-512-512-512-10 and a LeNet on 2048
 training samples with ``nfm train``, then times side by side, interleaved, --repeats rounds:
 
 * one full-set gradient of the mean CE loss (one forward + backward over all 2048 samples),
-* ``exact`` (``nfm_cli.hessian.estimate_diagonal``, the code path of ``nfm hessian-diag``), CE loss,
+* ``exact`` (``nfm_cli.curvature.estimators.estimate_diagonal``, the code path of ``nfm hessian-diag``), CE loss,
 * BackPACK's ``DiagGGNExact`` (backpack-for-pytorch, a benchmark-only dependency), CE loss, full batch,
 
 and reports each as a ratio to the gradient and the max relative difference exact vs BackPACK.
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.timing import command, fmt, interleaved, machine, median_iqr, replace_section, versions  # noqa: E402
-from nfm_cli.checkpoint import load_checkpoint  # noqa: E402
-from nfm_cli.hessian import estimate_diagonal  # noqa: E402
-from nfm_cli.hessian.driver import auto_batch_size  # noqa: E402
-from nfm_cli.training import TrainConfig, train  # noqa: E402
+from nfm_cli.curvature.batch_size import auto_batch_size  # noqa: E402
+from nfm_cli.curvature.estimators import estimate_diagonal  # noqa: E402
+from nfm_cli.steps.train import TrainConfig, train  # noqa: E402
+from nfm_cli.store.checkpoint import load_checkpoint  # noqa: E402
 
 SECTION = "## Hessian diagonal (`bench/hessian_diag.py`)"
 TORCHRUN_SECTION = "## Sharded `hessian-diag` with torchrun, 1 vs 2 processes on the CPU (`bench/hessian_diag.py --torchrun`)"
@@ -159,7 +159,7 @@ def main() -> None:
 
 def write_markdown(path: Path, machine, command, args, rows, extra_rows, scan_rows) -> None:
     lines = [SECTION, "",
-             "`exact` (per-layer Gauss-Newton rules, `nfm_cli/hessian/exact.py`) versus one full-set gradient and "
+             "`exact` (per-layer Gauss-Newton rules, `nfm_cli/curvature/exact.py`) versus one full-set gradient and "
              "BackPACK's `DiagGGNExact`, CE loss, N = 2048 Fashion-MNIST training samples, checkpoints from "
              f"`nfm train --train-size 2048 --epochs {args.epochs}`. Times: median [interquartile range] of "
              f"{args.repeats} interleaved runs; ratios of medians.", "",

@@ -1,6 +1,6 @@
 """Benchmark: per-layer variance solve (eq. 17) over all weight matrices of WRN-16-4 (CIFAR-10).
 
-Compares ``nfm_cli.variance.solve_layer`` (block sweeps + Newton in log space, tol 1e-10) with the
+Compares ``nfm_cli.measures.variance.solve_layer`` (block sweeps + Newton in log space, tol 1e-10) with the
 paper's route (Algorithm 1: gradient-based optimisation of (x, y) = (log a, log b), here torch Adam
 on the vectorised objective), run per layer until it reaches our objective within ``--gap``
 relative or a time cap.
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import command, fmt, machine, median_iqr, replace_section, versions  # noqa: E402
-from nfm_cli.variance import solve_layer, to_matrix  # noqa: E402
+from nfm_cli.measures.variance import solve_layer, to_matrix  # noqa: E402
 
 SECTION = "## Per-layer variance solver (`bench/solve_variance.py`)"
 
@@ -140,7 +140,7 @@ def main() -> int:
     ratio = sgd_total / ours
     ratio_s = f"{'>' if not all_reached else ''}{ratio:.0f}x"
     lines = [
-        "Exact block sweeps + Newton in log space (`nfm_cli/variance.py`) versus the paper's Algorithm 1 route "
+        "Exact block sweeps + Newton in log space (`nfm_cli/measures/variance.py`) versus the paper's Algorithm 1 route "
         "(gradient descent on (log a, log b), here Adam), all weight matrices of WRN-16-4 for CIFAR-10. Our "
         f"times: median [interquartile range] of {args.repeat} runs over all layers; the Adam route runs once "
         "(it takes minutes).", "",

@@ -158,7 +158,7 @@ def make_measures_files(a, folder: Path, e) -> None:
     sys.path.insert(0, str(ROOT))
     import random
 
-    from nfm_cli.artifacts import read_artifact, write_artifact
+    from nfm_cli.store.artifacts import read_artifact, write_artifact
     case_measure_once = a.workdir / "m-report.measures.safetensors"
     if not case_measure_once.exists():
         ck = checkpoint(a.workdir, "mlp", 1024, 20, a.data_dir, e)

@@ -15,10 +15,10 @@ from nfm_cli.errors import NfmError  # noqa: E402
 
 # Imported on first use (PEP 562), so that ``import nfm_cli`` (every ``nfm`` command, ``--help``
 # included) does not pay for torch until a command needs it.
-_LAZY = {"Checkpoint": "nfm_cli.checkpoint", "load_checkpoint": "nfm_cli.checkpoint",
-         "TrainConfig": "nfm_cli.training", "TrainResult": "nfm_cli.training", "train": "nfm_cli.training",
-         "ImportConfig": "nfm_cli.importing", "ImportResult": "nfm_cli.importing",
-         "import_checkpoint": "nfm_cli.importing", "measure_model": "nfm_cli.in_memory"}
+_LAZY = {"Checkpoint": "nfm_cli.store.checkpoint", "load_checkpoint": "nfm_cli.store.checkpoint",
+         "TrainConfig": "nfm_cli.steps.train", "TrainResult": "nfm_cli.steps.train", "train": "nfm_cli.steps.train",
+         "ImportConfig": "nfm_cli.steps.importing", "ImportResult": "nfm_cli.steps.importing",
+         "import_checkpoint": "nfm_cli.steps.importing", "measure_model": "nfm_cli.api"}
 
 
 def __getattr__(name: str):

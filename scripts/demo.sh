@@ -22,7 +22,7 @@ test_size=1000
 # Is Fashion-MNIST there (or downloadable)? Load its small test split once to find out.
 if ! reason=$("$PYTHON" - "${DATA_DIR:-}" "${DOWNLOAD:-0}" 2>&1 <<'EOF'
 import sys
-from nfm_cli.data import load_split
+from nfm_cli.data.datasets import load_split
 from nfm_cli.errors import NfmError
 data_dir, download = sys.argv[1] or None, sys.argv[2] not in ("", "0")
 try:

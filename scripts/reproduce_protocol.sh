@@ -54,7 +54,7 @@ for ckpt in "$runs"/wrn-random/*seed=*.safetensors; do
 done
 
 paper_measures=normalized_sharpness,matrix_normalized_sharpness,hessian_trace,fisher_rao_norm,frobenius_norm_sq,spectral_norm_product
-rivals=$(${PYTHON:-python3} -c "from nfm_cli.measure_registry import rival_keys; print(','.join(rival_keys()))")
+rivals=$(${PYTHON:-python3} -c "from nfm_cli.measures.registry import rival_keys; print(','.join(rival_keys()))")
 report() {  # report NAME "FOLDERS" MEASURES [extra nfm report options]
   local name=$1 folders=$2 measures=$3 files=() folder; shift 3
   for folder in $folders; do files+=("$runs/$folder"/*.measures.safetensors); done

@@ -1,19 +1,28 @@
 """Shared fixtures: isolated cache/data folders, one chain of tiny session-wide artifacts, an in-process CLI runner."""
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
 import os
+import struct
 import subprocess
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
 
 from nfm_cli.cli import main
-from nfm_cli.hessian import compute_hessian_diagonal
-from nfm_cli.solving import solve_variance
-from nfm_cli.training import TrainConfig, train
+from nfm_cli.curvature.losses import mean_loss
+from nfm_cli.steps.hessian_diag import compute_hessian_diagonal
+from nfm_cli.steps.solve import solve_variance
+from nfm_cli.steps.train import TrainConfig, train
+from nfm_cli.store.artifacts import write_artifact
 
 
 def _share_the_cores_between_workers() -> None:
@@ -156,3 +165,195 @@ def signal_when_ready(cmd: list[str], ready: Callable[[str], bool], sig: int, en
             proc.kill()
             proc.wait()
     return proc.returncode, err, seen + rest.splitlines()
+
+
+# ---- file writers shared by several test modules ----------------------------------------------
+
+def write_idx(folder, prefix, images, labels, compress):
+    folder.mkdir(parents=True, exist_ok=True)
+    n, rows, cols = images.shape
+    img = struct.pack(">IIII", 0x00000803, n, rows, cols) + images.astype(np.uint8).tobytes()
+    lab = struct.pack(">II", 0x00000801, n) + labels.astype(np.uint8).tobytes()
+    for name, payload in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
+        if compress:
+            with gzip.open(folder / (name + ".gz"), "wb") as fh:
+                fh.write(payload)
+        else:
+            (folder / name).write_bytes(payload)
+
+def make_result(gap: float | None, ratio: float, model: str = "mlp", dataset: str = "fashion-mnist", seed: int = 0,
+                **measures) -> dict:
+    base = {"normalized_sharpness": 1.0, "matrix_normalized_sharpness": 2.0, "hessian_trace": 3.0,
+            "hessian_trace_weights": 2.5, "fisher_rao_norm": 4.0, "frobenius_norm_sq": 5.0,
+            "spectral_norm_product": 6.0, "log_spectral_norm_product": math.log(6.0), "clipped_fraction": 0.01,
+            "weight_matrices": 3, "params_in_matrices": 120, "params_left_out": 12, "converged": True,
+            "layers": {"fc1.weight": {"normalized_sharpness": 0.5}}}
+    base.update(measures)
+    test_acc = None if gap is None else 1.0 - gap
+    base["metrics"] = {"train_acc": 1.0, "test_acc": test_acc, "gap": gap, "train_loss": 0.01, "test_loss": 1.5,
+                       "random_ratio": ratio, "model": model, "dataset": dataset, "seed": seed, "train_size": 256,
+                       "epochs": 3}
+    return base
+
+def write_measures(path, result: dict):
+    write_artifact(path, {"sigma_row.w": torch.ones(2)}, "measures", {"result": result})
+    return path
+
+
+def sweep(folder, n: int = 8, models=("mlp",)):
+    """n runs per model: normalized sharpness exactly linear in the gap, the Hessian trace monotone
+    (cubic) in it, the Frobenius norm constant, the Fisher-Rao norm null on every third run."""
+    paths = []
+    for model in models:
+        for i in range(n):
+            ratio = i / max(n - 1, 1)
+            gap = 0.05 + 0.8 * ratio + (0.01 * i if model == "mlp" else 0.02 * i)
+            result = make_result(gap, ratio, model=model, seed=i,
+                                 normalized_sharpness=10.0 + 3.0 * gap, hessian_trace=2.0 + gap ** 3,
+                                 frobenius_norm_sq=7.0, fisher_rao_norm=None if i % 3 == 0 else 1.0 + (i % 2),
+                                 spectral_norm_product=1e300 * (1 + i))
+            paths.append(write_measures(folder / f"{model}-{i}.safetensors", result))
+    return paths
+
+
+# ---- float64 oracles and tiny models shared by the curvature and measures tests --------------
+
+def dense_diagonal(model, x, y, loss):
+    """Diagonal of the dense Hessian of the mean loss, one parameter tensor block at a time."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    out = {}
+    for name, value in params.items():
+        def loss_of(w, name=name):
+            return mean_loss(functional_call(model, {**buffers, **params, name: w}, (x,)), y, loss)
+        block = hessian(loss_of)(value).reshape(value.numel(), value.numel())
+        out[name] = block.diagonal().reshape(value.shape)
+    return out
+
+
+def spot_diagonal(model, x, y, loss, per_tensor=6, seed=0, only=None):
+    """A few exact diagonal entries per tensor (of the tensors named in ``only``, default all),
+    d^2 L / d theta_i^2 = (H e_i)_i, by double backward."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    value = mean_loss(functional_call(model, {**buffers, **params}, (x,)), y, loss)
+    grads = torch.autograd.grad(value, list(params.values()), create_graph=True)
+    picks = {}
+    for (name, p), g in zip(params.items(), grads):
+        idx = torch.randint(0, p.numel(), (per_tensor,), generator=gen)
+        if only is not None and name not in only:
+            continue
+        entries = []
+        for i in idx.tolist():
+            (row,) = torch.autograd.grad(g.reshape(-1)[i], p, retain_graph=True)
+            entries.append(row.reshape(-1)[i])
+        picks[name] = (idx, torch.stack(entries))
+    return picks
+
+
+def max_relative_error(estimate, reference):
+    scale = max(float(r.abs().max()) for r in reference.values())
+    return max(float((estimate[n] - reference[n]).abs().max()) for n in reference) / scale
+
+
+def relative_l2(estimate, reference):
+    diff = torch.cat([(estimate[n] - reference[n]).flatten() for n in reference])
+    return float(diff.norm() / torch.cat([r.flatten() for r in reference.values()]).norm())
+
+
+def randomize_batchnorm(model):
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            shape = m.running_mean.shape
+            m.running_mean.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5)
+            m.running_var.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5)
+            m.bias.data.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) * 0.6 - 0.3)
+    return model
+
+
+class ResidualBlock(nn.Module):
+    """BN -> ReLU -> conv, plus the identity: a residual sum, flagged piecewise linear."""
+
+    piecewise_linear = True
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(self.relu(self.bn(x)))
+
+
+def tiny_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+def tiny_conv_maxpool():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(3, 4, 2, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 4))
+
+
+def tiny_conv_avgpool():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2, bias=False, padding_mode="circular"),
+                         nn.ReLU(),
+                         nn.Conv2d(4, 4, 2, groups=2, dilation=1), nn.AvgPool2d(1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+
+def tiny_bn_residual():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), ResidualBlock(3), nn.BatchNorm2d(3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+
+
+def tiny_conv1d_padding_modes():
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                         nn.BatchNorm1d(3), nn.Flatten(), nn.Linear(18, 4))
+
+
+TINY = {"mlp": (tiny_mlp, (12,)), "conv-maxpool": (tiny_conv_maxpool, (2, 4, 4)),
+        "conv-avgpool-groups": (tiny_conv_avgpool, (2, 6, 6)), "bn-residual": (tiny_bn_residual, (2, 4, 4)),
+        "conv1d-reflect-bn1d": (tiny_conv1d_padding_modes, (2, 6))}
+
+
+def tiny_case(name, n=10, seed=0):
+    torch.manual_seed(seed)
+    build, shape = TINY[name]
+    model = randomize_batchnorm(build().double()).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn((n,) + shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    return model, x, y
+
+
+class Functional(nn.Module):
+    """Piecewise linear through functions and methods only: every allow-listed kind of node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 2 * 2 + 2, 3)
+        self.register_buffer("shift", torch.linspace(-0.5, 0.5, 2).reshape(1, 2, 1, 1))
+
+    def forward(self, x):
+        x = (x - self.shift) / 2                     # constant buffer, division by a constant
+        out = F.relu(self.conv(x))
+        skip = out
+        out = F.relu6(self.bn(self.depthwise(out)) * 3.0)
+        out += skip                                   # in place on a layer output's consumer
+        out = F.max_pool2d(out, 2)
+        out = F.dropout(out, 0.5, self.training)
+        out = F.adaptive_avg_pool2d(out, (2, 2))
+        side = torch.flatten(x, 2).mean(-1)           # [B, 2]
+        flat = torch.cat([out.view(out.size(0), -1), side], dim=1)
+        return self.fc(flat[:, :])
+
+
+def gelu_model():
+    return nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))

@@ -22,8 +22,9 @@ import typer._click as typer_click
 from typer._click import exceptions as click_exceptions
 from typer.core import TyperCommand
 
-from nfm_cli import __version__, interrupt
+from nfm_cli import __version__
 from nfm_cli.errors import NfmError
+from nfm_cli.runtime import interrupt
 
 HELP_OPTIONS = ["-h", "--help"]
 app = typer.Typer(
@@ -131,7 +132,7 @@ def _torchrun_rank() -> int:
     (``WORLD_SIZE`` set and not 1), where the command needs it anyway."""
     if os.environ.get("WORLD_SIZE", "1") == "1":
         return 0
-    from nfm_cli import distributed
+    from nfm_cli.runtime import distributed
     return distributed.env_rank()
 
 
@@ -193,8 +194,8 @@ def main(argv: Optional[list[str]] = None) -> None:
               EXIT_INTERNAL)
     finally:
         interrupt.restore(previous_handlers)
-        if "nfm_cli.distributed" in sys.modules:    # a torchrun process group exists only if it was imported
-            sys.modules["nfm_cli.distributed"].shutdown()
+        if "nfm_cli.runtime.distributed" in sys.modules:    # a torchrun process group exists only if it was imported
+            sys.modules["nfm_cli.runtime.distributed"].shutdown()
     sys.exit(code if isinstance(code, int) else 0)
 
 

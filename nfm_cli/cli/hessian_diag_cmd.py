@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from nfm_cli.cli import STEPS, command
-from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import (
     DEFAULT_PROBES,
     FD_SCALE,
@@ -56,7 +56,7 @@ def hessian_diag_command(
     Saves its progress every minute (--save-every), and on Ctrl-C or SIGTERM (after the batch in progress;
     exit 130 / 143, also under torchrun); rerun the same command to continue. Prints the output path on stdout.
     """
-    from nfm_cli.hessian import compute_hessian_diagonal
+    from nfm_cli.steps.hessian_diag import compute_hessian_diagonal
     with locked(out, wait, "nfm hessian-diag"), progress_bar(quiet) as progress:
         result = compute_hessian_diagonal(checkpoint, out, loss=loss.value, estimator=estimator.value,
                                           probes=probes, samples=samples, batch_size=batch_size, seed=seed,

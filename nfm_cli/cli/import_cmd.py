@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import WORKFLOW, command
-from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import Device, Force, Quiet
 from nfm_cli.cli.render import console, progress_bar
 
@@ -52,7 +52,7 @@ def import_command(
     Evaluates the train and test loss and accuracy, records where code, weights and data came from
     (with content hashes), and prints the checkpoint path on stdout, e.g. `nfm import ... | xargs nfm measure`.
     """
-    from nfm_cli.importing import ImportConfig, import_checkpoint
+    from nfm_cli.steps.importing import ImportConfig, import_checkpoint
     config = ImportConfig(model=model, weights=str(weights), data=data, model_args=list(model_arg or []),
                           train_size=train_size, test_size=test_size, seed=seed,
                           labels=str(labels) if labels else None, resize=resize, crop=crop, normalize=normalize,

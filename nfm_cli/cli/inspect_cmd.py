@@ -11,7 +11,7 @@ from rich.table import Table
 
 from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.options import Json, flag
-from nfm_cli.cli.render import console, print_json
+from nfm_cli.cli.render import console, number, print_json, render_layers, render_totals
 
 HISTORY_COLUMNS = ("epoch_loss", "train_loss", "train_acc", "test_loss", "test_acc", "gap")
 COLLAPSED = {"optim.": "optimizer state", "state.": "partial-run state"}  # one line each unless --all
@@ -28,7 +28,7 @@ def inspect_command(
 ) -> None:
     """Show an artifact's kind, config and progress, then what it holds: a checkpoint's per-epoch
     history, a measures file's totals (per-layer with --layers), and the tensors."""
-    from nfm_cli.artifacts import describe_artifact
+    from nfm_cli.store.artifacts import describe_artifact
     info = describe_artifact(file)
     if as_json:
         print_json(info)
@@ -60,14 +60,6 @@ def _print_head(file: Path, info: dict[str, Any]) -> None:
     console.print(head)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _print_history(history: list[Any]) -> None:
     table = Table("epoch", *(c.replace("_", " ") for c in HISTORY_COLUMNS), "note", title="per-epoch history",
                   title_justify="left")
@@ -75,12 +67,11 @@ def _print_history(history: list[Any]) -> None:
         if not isinstance(row, dict):
             continue
         note = f"diverged (since epoch {row.get('diverged_epoch')})" if row.get("diverged") else ""
-        table.add_row(_cell(row.get("epoch")), *(_cell(row.get(c)) for c in HISTORY_COLUMNS), note)
+        table.add_row(number(row.get("epoch"), 4), *(number(row.get(c), 4) for c in HISTORY_COLUMNS), note)
     console.print(table)
 
 
 def _print_measures(result: dict[str, Any], layers: bool) -> None:
-    from nfm_cli.cli.measure_cmd import render_layers, render_totals
     try:
         if layers:
             render_layers(result, "per layer")

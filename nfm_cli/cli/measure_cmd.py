@@ -1,14 +1,13 @@
-"""``nfm measure`` and the summary table it shares with ``nfm solve-variance``."""
+"""``nfm measure``, and ``finish``: the JSON or summary table it shares with ``nfm solve-variance``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich.table import Table
 
 from nfm_cli.cli import WORKFLOW, command
-from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import (
     DEFAULT_PROBES,
     FD_SCALE,
@@ -31,52 +30,7 @@ from nfm_cli.cli.options import (
     Seed,
     Tol,
 )
-from nfm_cli.cli.render import console, print_json, progress_bar
-from nfm_cli.measure_registry import SUMMARY_DIAGNOSTICS, rival_keys, summary_keys
-
-TOTALS = summary_keys() + SUMMARY_DIAGNOSTICS + rival_keys()
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def render_summary(result: dict[str, Any], path: Path) -> None:
-    """Per-layer table and totals on stderr (stdout carries the path or the JSON)."""
-    render_layers(result, str(path))
-    render_totals(result, "totals")
-
-
-def render_layers(result: dict[str, Any], title: str) -> None:
-    """One row per weight matrix: its normalized, matrix-normalized sharpness, trace, norm, solver stats."""
-    trace_header = f"trace ({result.get('trace_loss') or 'ce'} loss)"
-    layers = Table("layer", "shape", "normalized", "matrix-norm.", trace_header, "||W||_F^2", "iters", "residual",
-                   title=title, title_justify="left")
-    for name, layer in result["layers"].items():
-        layers.add_row(name, "x".join(map(str, layer["shape"])), _number(layer["normalized_sharpness"]),
-                       _number(layer["matrix_normalized_sharpness"]), _number(layer["hessian_trace"]),
-                       _number(layer["frobenius_norm_sq"]), str(layer["iterations"]), f"{layer['residual']:.1e}")
-    console.print(layers)
-
-
-def render_totals(result: dict[str, Any], title: str) -> None:
-    """The whole-network measures, the run's accuracies and gap, and a convergence warning."""
-    totals = Table("measure", "value", title=title, title_justify="left")
-    for key in TOTALS:
-        if key in result:
-            label = f"{key} ({result.get('trace_loss') or 'ce'} loss)" if key == "hessian_trace" else key
-            totals.add_row(label, _number(result[key]))
-    m = result.get("metrics", {})
-    totals.add_row("params left out", f"{result.get('params_left_out')} (biases, normalization)")
-    totals.add_row("train / test acc, gap", f"{_number(m.get('train_acc'))} / {_number(m.get('test_acc'))}, "
-                   f"{_number(m.get('gap'))}")
-    console.print(totals)
-    if not result.get("converged", True):
-        console.print("[yellow]warning: some layers did not converge to --tol; raise --max-iter[/yellow]")
+from nfm_cli.cli.render import console, print_json, progress_bar, render_summary
 
 
 def finish(result, as_json: bool, quiet: bool = False) -> None:
@@ -123,7 +77,7 @@ def measure_command(
 
     Ctrl-C or SIGTERM saves the Hessian in progress and exits (130 / 143); rerun the same command to resume.
     """
-    from nfm_cli.measuring import default_measures_path, measure_checkpoint
+    from nfm_cli.steps.measure import default_measures_path, measure_checkpoint
     # one lock for the measures file and its kept Hessian files (named after it)
     lock = locked(out or default_measures_path(checkpoint), wait, "nfm measure")
     with lock, progress_bar(quiet or as_json) as progress:

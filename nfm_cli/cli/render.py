@@ -7,11 +7,14 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.table import Table
 
-from nfm_cli.progress import NOTE, ProgressEvent
+from nfm_cli.measures.registry import SUMMARY_DIAGNOSTICS, rival_keys, summary_keys
+from nfm_cli.runtime.progress import NOTE, ProgressEvent
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough for the tables, no wrapping of names
@@ -23,10 +26,20 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _fmt(value: Any) -> str:
+def number(value: Any, digits: int = 6) -> str:
+    """A table cell: ``-`` for a missing value, a float to ``digits`` significant digits, else ``str``."""
+    if value is None:
+        return "-"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:.{digits}g}"
     return str(value)
+
+
+def score(value: float, signed: bool = True) -> str:
+    """A correlation (``+0.123``) or a statistic (3 significant digits); ``nan`` where not finite."""
+    if not math.isfinite(value):
+        return "nan"
+    return f"{value:+.3f}" if signed else f"{value:.3g}"
 
 
 def _duration(seconds: float) -> str:
@@ -95,7 +108,7 @@ class LogLines:
         if event.task == "batch" and "epoch" in info:
             label = f"epoch {info['epoch']}/{info.get('epochs', '?')} batch"
         text = f"{label} {event.done}/{event.total}" + (f" {unit}" if unit else "")
-        text += "".join(f" {k} {_fmt(v)}" for k, v in info.items() if k not in ("epoch", "epochs") and v is not None)
+        text += "".join(f" {k} {number(v, 3)}" for k, v in info.items() if k not in ("epoch", "epochs") and v is not None)
         text += f" elapsed {_duration(now - self.created)}" + (f" eta {_duration(eta)}" if eta is not None else "")
         self._line(text)
 
@@ -148,7 +161,7 @@ def progress_bar(quiet: bool = False) -> Iterator[Any]:
         if not started:
             bars.start()
             started = True
-        info = " ".join(f"{k}={_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",) and v is not None)
+        info = " ".join(f"{k}={number(v, 3)}" for k, v in event.info.items() if k not in ("epochs",) and v is not None)
         label = "epochs" if event.task == "epoch" else event.task
         if event.task == "batch" and "epoch" in event.info:
             label = f"epoch {event.info['epoch']}/{event.info.get('epochs', '?')}"
@@ -190,3 +203,41 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+# the totals of a measures file, in the registry's order
+TOTALS = summary_keys() + SUMMARY_DIAGNOSTICS + rival_keys()
+
+
+def render_summary(result: dict[str, Any], path: Path) -> None:
+    """Per-layer table and totals on stderr (stdout carries the path or the JSON)."""
+    render_layers(result, str(path))
+    render_totals(result, "totals")
+
+
+def render_layers(result: dict[str, Any], title: str) -> None:
+    """One row per weight matrix: its normalized, matrix-normalized sharpness, trace, norm, solver stats."""
+    trace_header = f"trace ({result.get('trace_loss') or 'ce'} loss)"
+    layers = Table("layer", "shape", "normalized", "matrix-norm.", trace_header, "||W||_F^2", "iters", "residual",
+                   title=title, title_justify="left")
+    for name, layer in result["layers"].items():
+        layers.add_row(name, "x".join(map(str, layer["shape"])), number(layer["normalized_sharpness"]),
+                       number(layer["matrix_normalized_sharpness"]), number(layer["hessian_trace"]),
+                       number(layer["frobenius_norm_sq"]), str(layer["iterations"]), f"{layer['residual']:.1e}")
+    console.print(layers)
+
+
+def render_totals(result: dict[str, Any], title: str) -> None:
+    """The whole-network measures, the run's accuracies and gap, and a convergence warning."""
+    totals = Table("measure", "value", title=title, title_justify="left")
+    for key in TOTALS:
+        if key in result:
+            label = f"{key} ({result.get('trace_loss') or 'ce'} loss)" if key == "hessian_trace" else key
+            totals.add_row(label, number(result[key]))
+    m = result.get("metrics", {})
+    totals.add_row("params left out", f"{result.get('params_left_out')} (biases, normalization)")
+    totals.add_row("train / test acc, gap", f"{number(m.get('train_acc'))} / {number(m.get('test_acc'))}, "
+                   f"{number(m.get('gap'))}")
+    console.print(totals)
+    if not result.get("converged", True):
+        console.print("[yellow]warning: some layers did not converge to --tol; raise --max-iter[/yellow]")

@@ -10,18 +10,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nfm_cli.choices import REPORT_GROUP_BY, REPORT_MEASURES
+from nfm_cli.choices import REPORT_GROUP_BY
 from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.options import Json, Quiet, positive
-from nfm_cli.cli.render import console, plural, print_json, progress_bar
-
-
-def _cell(value: float) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:+.3f}"
-
-
-def _num(value: float) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:.3g}"
+from nfm_cli.cli.render import console, plural, print_json, progress_bar, score
+from nfm_cli.measures.registry import summary_keys
 
 
 def _split(values: Optional[list[str]]) -> list[str]:
@@ -33,7 +26,7 @@ def report_command(
     files: list[Path] = typer.Argument(..., metavar="FILES...", help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
     x: Optional[list[str]] = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
-                                          f"Default: {','.join(REPORT_MEASURES)}."),
+                                          f"Default: {','.join(summary_keys())}."),
     y: str = typer.Option("gap", "--y", help="What the measures should predict (default: the generalization gap, "
                           "train accuracy - test accuracy)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
@@ -67,7 +60,7 @@ def report_command(
     Pearson r, Spearman rho and Kendall tau per group, optionally with scatter plots like the paper's
     Figures 1, 3 and 4, and the hyperparameter-grid scores of the generalization-measure literature
     (--protocol)."""
-    from nfm_cli.report import (
+    from nfm_cli.report.correlations import (
         add_protocol,
         check_group_by,
         check_names,
@@ -78,7 +71,7 @@ def report_command(
         write_csv,
     )
     y = y.strip().replace("-", "_")
-    measures = check_names(_split(x) or list(REPORT_MEASURES), y)
+    measures = check_names(_split(x) or list(summary_keys()), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
                                                                        if g.strip())
     check_group_by(groups)
@@ -93,7 +86,7 @@ def report_command(
             add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
         plots: list[Path] = []
         if plot is not None:
-            from nfm_cli.plots import scatter_plots  # matplotlib only when plotting
+            from nfm_cli.report.plots import scatter_plots  # matplotlib only when plotting
             plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event,
                                   x_scale="log" if log_x else ("real" if real_x else "rescaled"))
     written_csv = write_csv(runs, csv_path) if csv_path is not None else None
@@ -134,7 +127,7 @@ def _print_tables(runs: list[dict], table: list[dict], measures: list[str], grou
 
 def _print_runs(out: Console, runs: list[dict], measures: list[str], groups: tuple[str, ...], y: str) -> None:
     """One table per group, one row per run: the run's file name, ratio, accuracies, y, measures."""
-    from nfm_cli.report import group_runs
+    from nfm_cli.report.correlations import group_runs
     for group, members in group_runs(runs, groups):
         name = ", ".join(f"{k}={v}" for k, v in group.items()) or "all runs"
         t = Table(title=escape(f"{name}: {plural(len(members), 'run')}"), title_justify="left")
@@ -142,7 +135,7 @@ def _print_runs(out: Console, runs: list[dict], measures: list[str], groups: tup
         for header in RUN_COLUMNS + (y,) + tuple(measures):
             t.add_column(header.replace("_", " "), justify="right")
         for run in members:
-            t.add_row(escape(_run_name(run["path"])), *(_num(_float(run.get(k)))
+            t.add_row(escape(_run_name(run["path"])), *(score(signed=False, value=_float(run.get(k)))
                                                          for k in RUN_COLUMNS + (y,) + tuple(measures)))
         out.print(t)
 
@@ -168,8 +161,8 @@ def _print_correlations(out: Console, table: list[dict], y: str, protocol: bool 
         for header in ("n", "pearson r", "spearman \u03c1", "kendall \u03c4", "min", "max"):
             t.add_column(header, justify="right", no_wrap=True)
         for measure, c in group["correlations"].items():
-            t.add_row(measure, str(c["n"]), _cell(c["pearson_r"]), _cell(c["spearman_rho"]),
-                      _cell(c["kendall_tau"]), _num(c["min"]), _num(c["max"]))
+            t.add_row(measure, str(c["n"]), score(c["pearson_r"]), score(c["spearman_rho"]),
+                      score(c["kendall_tau"]), score(signed=False, value=c["min"]), score(signed=False, value=c["max"]))
         out.print(t)
         if protocol:
             out.print(_protocol_table(group, name))
@@ -189,7 +182,7 @@ def _print_notes(runs, files, skipped, plots, plot, written_csv) -> None:
 
 
 def _with_interval(value: float, interval) -> str:
-    return _cell(value) if not interval else f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+    return score(value) if not interval else f"{score(value)} [{score(interval[0])}, {score(interval[1])}]"
 
 
 def _protocol_table(group: dict, name: str) -> Table:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import STEPS, command
-from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import CheckpointArg, DataDir, Mode
 from nfm_cli.cli.render import console
 
@@ -32,7 +32,7 @@ def rescale_command(
     The input checkpoint is left unchanged. Normalized sharpness must not change (matrix-normalized
     sharpness only under one factor per layer, --alpha); the Hessian trace and weight norms do.
     """
-    from nfm_cli.rescale import rescale_checkpoint
+    from nfm_cli.steps.rescale import rescale_checkpoint
     with locked(out, wait, "nfm rescale"):
         result = rescale_checkpoint(checkpoint, out, mode.value, alpha=alpha, random_range=random_range,
                                     seed=seed, pair=pair, data_dir=data_dir)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from nfm_cli.cli import STEPS, command
-from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.measure_cmd import finish
 from nfm_cli.cli.options import CheckpointArg, Json, MaxIter, Quiet, Tol
 from nfm_cli.cli.render import progress_bar
@@ -28,7 +28,7 @@ def solve_variance_command(
     wait: bool = wait_option(),
 ) -> None:
     """Solve problem (17) per weight matrix (lambda = 1/2, h clipped at 0) and compute the rival measures."""
-    from nfm_cli.solving import solve_variance
+    from nfm_cli.steps.solve import solve_variance
     with locked(out, wait, "nfm solve-variance"), progress_bar(quiet or as_json) as progress:
         result = solve_variance(checkpoint, hdiag, out, trace_hdiag=trace_hdiag, tol=tol, max_iter=max_iter,
                                 progress=progress)

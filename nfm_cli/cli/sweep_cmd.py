@@ -36,7 +36,7 @@ def sweep_command(
 ) -> None:
     """Train and measure a grid of runs as one resumable unit: every run is validated first, finished
     runs are skipped, and the same runs can be listed for any scheduler."""
-    from nfm_cli.sweep import command_line, describe, expand, parse_grid_args, read_grid_file, run_all, run_one
+    from nfm_cli.steps.sweep import command_line, describe, expand, parse_grid_args, read_grid_file, run_all, run_one
     spec, file_seeds = read_grid_file(grid_file) if grid_file is not None else ({}, None)
     for field, values in parse_grid_args(grid or []).items():
         if field in spec:

@@ -8,7 +8,7 @@ import typer
 
 from nfm_cli.choices import TRAIN_SAVE_EVERY_SECONDS
 from nfm_cli.cli import WORKFLOW, command
-from nfm_cli.cli.locking import locked, wait_option
+from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import Dataset, Device, Force, Model, Optimizer, Quiet, flag, positive
 from nfm_cli.cli.render import console, progress_bar
 
@@ -59,7 +59,7 @@ def train_command(
     the same command to continue exactly where it stopped.
     Prints the checkpoint path on stdout, e.g. `nfm train ... | xargs nfm measure`.
     """
-    from nfm_cli.training import DIVERGENCE_FACTOR, TrainConfig, train
+    from nfm_cli.steps.train import DIVERGENCE_FACTOR, TrainConfig, train
     config = TrainConfig(model=model.value, dataset=dataset.value, width=width, depth=depth,
                          random_ratio=random_ratio, epochs=epochs, batch_size=batch_size, lr=lr,
                          optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay,

@@ -1,0 +1,166 @@
+"""``measure``: from a checkpoint to a measures file in one resumable step.
+
+``measure_checkpoint`` computes the ``normalized-ce`` diagonal (for the normalized measures), the
+``ce`` diagonal (for the Hessian-trace baseline, Sec. 6.2), the Fisher-Rao norm (eq. 25), then the
+solve (``solving.solve_variance``). The two Hessian files are kept next to the output by default, so
+a killed ``measure`` resumes where it stopped; a finished measures file for the same checkpoint and
+options is left alone, so rerunning a sweep skips finished runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nfm_cli.choices import DEFAULT_PROBES, FD_SCALE, PRECISIONS
+from nfm_cli.data.datasets import subset_indices
+from nfm_cli.errors import NfmError
+from nfm_cli.measures.compute import check_solver_options
+from nfm_cli.measures.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_checkpoint
+from nfm_cli.measures.rivals import RivalOptions, rival_measures
+from nfm_cli.runtime import distributed
+from nfm_cli.runtime.devices import resolve_device
+from nfm_cli.runtime.progress import ProgressFn
+from nfm_cli.steps.hessian_diag import (
+    SAVE_EVERY_SECONDS,
+    HessianDiagonal,
+    check_hessian_options,
+    compute_hessian_diagonal,
+)
+from nfm_cli.steps.solve import MeasureResult, check_out_path, solve_variance
+from nfm_cli.store.artifacts import read_artifact, write_artifact
+from nfm_cli.store.checkpoint import Checkpoint, checkpoint_from_artifact, load_checkpoint
+
+DTYPES = {name: getattr(torch, name) for name in PRECISIONS}   # --precision -> the model's and data's dtype
+
+
+def refuse_diverged(ck: Checkpoint) -> None:
+    """A run whose training diverged has no meaningful flatness: say so before computing anything."""
+    if not ck.metrics.get("diverged"):
+        return
+    at = ck.metrics.get("diverged_epoch")
+    where = f" at epoch {at}" if at else ""
+    raise NfmError(f"training diverged{where} (see nfm inspect); its measures would mean nothing: retrain "
+                   "with a smaller --lr", ck.path)
+
+
+def _in_memory(result: HessianDiagonal, ck: Checkpoint) -> HessianDiagonal:
+    """What reading back the file ``compute_hessian_diagonal`` just wrote would give (float64 tensors
+    in parameter order, its config and content hash), without reading it."""
+    names = [n for n, _ in ck.model.named_parameters()]
+    return dataclasses.replace(result, diagonal={n: result.diagonal[n].to(torch.float64) for n in names})
+
+
+def default_measures_path(checkpoint: str | os.PathLike) -> Path:
+    """``run.safetensors`` -> ``run.measures.safetensors`` in the same folder."""
+    path = Path(checkpoint)
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    return path.with_name(f"{stem}.measures.safetensors")
+
+
+def intermediate_paths(out: Path, precision: str = "float32") -> dict[str, Path]:
+    """The kept Hessian files: ``<out stem>.hdiag-<loss>[.float64].safetensors``."""
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    tag = "" if precision == "float32" else f".{precision}"
+    return {loss: out.with_name(f"{stem}.hdiag-{loss}{tag}.safetensors") for loss in ("normalized-ce", "ce")}
+
+
+def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                       estimator: str = "exact", samples: int | None = None, probes: int = DEFAULT_PROBES,
+                       batch_size: int | None = None, seed: int = 0, device: str = "auto",
+                       precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
+                       force: bool = False, rivals: bool = False, finite_diff_scale: float = FD_SCALE,
+                       data_dir: str | os.PathLike | None = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
+                       progress: ProgressFn = None) -> MeasureResult:
+    """Hessian diagonals (normalized-ce and ce), Fisher-Rao norm and the solve, resumably.
+
+    ``precision="float64"`` runs the model and data in float64 (slower; for exact comparisons);
+    ``data_dir`` is where the dataset is, if not where the checkpoint was trained.
+    ``rivals``: also the rival measures of ``nfm_cli.measures.rivals`` (seeded by ``seed``, on the same
+    samples); asked of a finished measures file without them, they are added to it."""
+    if precision not in PRECISIONS:
+        raise NfmError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    check_solver_options(tol, max_iter)
+    check_hessian_options(estimator=estimator, probes=probes, samples=samples, batch_size=batch_size,
+                          finite_diff_scale=finite_diff_scale)
+    out = Path(out) if out is not None else default_measures_path(checkpoint)
+    check_out_path(out)
+    ck = load_checkpoint(checkpoint, data_dir, dtype=DTYPES[precision])
+    refuse_diverged(ck)
+    options = {"estimator": estimator, "samples": samples, "probes": probes if estimator != "exact" else None,
+               "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision,
+               "finite_diff_scale": finite_diff_scale if estimator == "finite-diff" else None}
+    if out.exists() and not force:
+        art = read_artifact(out, ("measures", "checkpoint", "hessian-diag"))
+        if art.kind != "measures":
+            raise NfmError(f"exists and is a {art.kind} file, not a measures file; choose another --out", out)
+        same = (art.meta.get("parents") or {}).get("checkpoint") == ck.sha256 and all(
+            (art.meta.get("config") or {}).get(k) == v for k, v in options.items())
+        if not same:
+            raise NfmError("exists and was computed from another checkpoint or with other options; "
+                           "use --force to recompute it or choose another --out", out)
+        if rivals and "rivals" not in art.meta["result"]:
+            return _add_rivals(art, ck, samples, seed, resolve_device(device), progress)
+        return MeasureResult(out, "already complete", art.meta["result"], [])
+    dev = resolve_device(device)
+    paths = intermediate_paths(out, precision)
+    hessians = {}
+    for loss, path in paths.items():
+        hessians[loss] = compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
+                                 samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
+                                 force=force, finite_diff_scale=finite_diff_scale, progress=progress,
+                                 save_every_seconds=save_every_seconds)
+    # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm and the solve
+    # (cheap next to them) run on rank 0 alone while the others wait, then every rank returns the result.
+    ctx, rank_dev = distributed.setup(dev)
+    failed = 0
+    try:
+        if ctx.is_main:
+            fisher = fisher_rao_norm_of_checkpoint(ck, device=rank_dev, samples=samples, seed=seed,
+                                                   progress=progress)
+            extra = _rival_result(ck, samples, seed, rank_dev, progress) if rivals else None
+            # the solve reads the float32 weights as trained: the same loaded file, rebuilt if needed
+            solve_ck = ck if ck.dtype == torch.float32 else checkpoint_from_artifact(ck.artifact)
+            solve_ck.model.to("cpu")
+            result = solve_variance(solve_ck, _in_memory(hessians["normalized-ce"], solve_ck), out,
+                                    trace_hdiag=_in_memory(hessians["ce"], solve_ck),
+                                    fisher_rao=fisher, tol=tol, max_iter=max_iter, progress=progress,
+                                    extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS},
+                                    extra_result=extra)
+    except BaseException:
+        failed = 1
+        raise
+    finally:
+        if ctx.active:
+            failed = distributed.max_ints(ctx, [failed])[0]
+    if failed:
+        raise NfmError("rank 0 failed computing the Fisher-Rao norm or the solve; see its error", out)
+    if not ctx.is_main:
+        result = MeasureResult(out, "written", read_artifact(out, "measures").meta["result"], [])
+    if ctx.is_main and not keep_intermediate:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+    result.intermediates = list(paths.values()) if keep_intermediate else []
+    return result
+
+
+def _rival_result(ck: Checkpoint, samples: int | None, seed: int, device, progress: ProgressFn) -> dict[str, Any]:
+    """The five rival measures (top level, as report reads them) and their radii/options under ``rivals``."""
+    x, y = ck.training_tensors(device)
+    idx = subset_indices(len(y), samples, seed, "hessian-samples").to(y.device)  # the Hessian's samples
+    values = rival_measures(ck.model.to(device), x[idx], y[idx], RivalOptions(seed=seed), progress)
+    details = {"radii": values.pop("radii"), "options": values.pop("options")}
+    return {**values, "rivals": details}
+
+
+def _add_rivals(art, ck: Checkpoint, samples, seed, device, progress) -> MeasureResult:
+    """Add the rivals to a finished measures file (same checkpoint and options), rewritten atomically."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NfmError("adding the rival measures to a finished measures file runs in one process; "
+                       "run it without torchrun", art.path)
+    result = dict(art.meta["result"], **_rival_result(ck, samples, seed, device, progress))
+    write_artifact(art.path, dict(art.tensors), "measures", dict(art.meta, result=result))
+    return MeasureResult(Path(art.path), "rivals added", result, [])
