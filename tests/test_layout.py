@@ -1,0 +1,54 @@
+"""The package's layout rules (README "Layout"), read from the source: imports flow cli -> steps -> core."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "nfm_cli"
+CORE = ("curvature", "measures", "report", "store", "data", "runtime")
+TOP_LEVEL = {"__init__.py", "__main__.py", "api.py", "choices.py", "errors.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every nfm_cli module a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nfm_cli"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("nfm_cli"))
+    return found
+
+
+def package_of(path: Path) -> str:
+    return path.relative_to(ROOT).parts[0] if len(path.relative_to(ROOT).parts) > 1 else ""
+
+
+def test_top_level_holds_only_entry_points_api_and_shared_leaves():
+    assert {p.name for p in ROOT.glob("*.py")} <= TOP_LEVEL
+
+
+def test_no_core_module_imports_steps_cli_or_the_api():
+    upward = []
+    for path in ROOT.rglob("*.py"):
+        if package_of(path) in CORE or path.name in ("choices.py", "errors.py"):
+            for module in imported_modules(path):
+                if module.split(".")[1:2] and module.split(".")[1] in ("steps", "cli", "api"):
+                    upward.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not upward
+
+
+def test_steps_never_import_the_cli():
+    bad = [f"{p.relative_to(ROOT)}: {m}" for p in (ROOT / "steps").glob("*.py") for m in imported_modules(p)
+           if m.startswith("nfm_cli.cli")]
+    assert not bad
+
+
+def test_every_subpackage_says_what_it_holds_and_imports_nothing():
+    for init in ROOT.glob("*/__init__.py"):
+        if init.parent.name == "cli":
+            continue                       # the typer app lives in cli/__init__.py
+        tree = ast.parse(init.read_text())
+        assert ast.get_docstring(tree), f"{init} has no docstring"
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{init} imports"
