@@ -7,8 +7,8 @@ from torch import nn
 
 import nfm_models as models
 from nfm_cli import NfmError, load_checkpoint
-from nfm_cli.steps.rescale import conv_bn_pairs, rescale_checkpoint, rescale_model, scale_units, weight_pairs
 from nfm_cli.measures.compute import compute_measures
+from nfm_cli.steps.rescale import conv_bn_pairs, rescale_checkpoint, rescale_model, scale_units, weight_pairs
 from nfm_cli.steps.train import TrainConfig, train
 from tests.conftest import TRANSFORMERS, dense_diagonal, sha256_of, tiny_transformer
 
