@@ -114,7 +114,7 @@ def stages(name: str, cap: int):
     x, y, random_y = data(shape)
     torch.manual_seed(0)
     model = build().double()
-    loss0 = float(per_sample_loss(model(x), y, "ce").mean())
+    loss0 = float(per_sample_loss(model(x), y, "ce").mean().detach())
     yield "init", model, x, y, loss0, 0
     loss, steps = train_to(model, x, y, lr, lambda v: v <= loss0 / 2, cap)
     yield "mid", model, x, y, loss, steps

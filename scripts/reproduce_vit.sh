@@ -18,19 +18,20 @@
 #
 # Every step is resumable: rerunning skips finished runs (nfm sweep), existing rescaled checkpoints
 # and finished measures files. Environment: JOBS (runs at once, default 2), NFM (nfm), PYTHON
-# (python3), PROBES (hutchinson probes, default 100). Per-run files go to OUTDIR/runs/ (not committed).
+# (python3), GRID_FILE, PROBES (hutchinson probes, default 20: 100 probes took 355 s per run on one
+# thread; the grid's sizing is in scripts/grids/vit-random.toml). Per-run files go to OUTDIR/runs/ (not committed).
 set -euo pipefail
 out=${1:-results/vit}
 jobs=${JOBS:-2}
 nfm=${NFM:-nfm}
-probes=${PROBES:-100}
-grids=$(cd "$(dirname "$0")" && pwd)/grids
+probes=${PROBES:-20}
+grid=${GRID_FILE:-$(cd "$(dirname "$0")" && pwd)/grids/vit-random.toml}   # GRID_FILE: another grid (smoke tests)
 runs=$out/runs
 export COLUMNS=${COLUMNS:-150}
 mkdir -p "$runs/vit-random-rescaled" "$out/plots"
 
-echo "== vit-random: $($nfm sweep --grid-file "$grids/vit-random.toml" --out "$runs/vit-random" --list | wc -l) runs" >&2
-$nfm sweep --grid-file "$grids/vit-random.toml" --out "$runs/vit-random" --jobs "$jobs" --rivals
+echo "== vit-random: $($nfm sweep --grid-file "$grid" --out "$runs/vit-random" --list | wc -l) runs" >&2
+$nfm sweep --grid-file "$grid" --out "$runs/vit-random" --jobs "$jobs" --rivals
 
 checkpoints() {  # the trained checkpoints of a folder (not the measures files or intermediates)
   for ckpt in "$1"/*seed=*.safetensors; do
@@ -39,23 +40,30 @@ checkpoints() {  # the trained checkpoints of a folder (not the measures files o
   done
 }
 
+measure_all() {  # measure_all [nfm measure options]: stdin lines "CHECKPOINT OUT", $jobs at once, missing OUT only
+  local opts="$*"
+  while read -r ckpt dest; do [ -f "$dest" ] || echo "$ckpt $dest"; done |
+    xargs -r -P "$jobs" -L 1 sh -c 'NFM_THREADS=1 '"$nfm"' measure "$0" --out "$1" '"$opts"' --quiet >/dev/null'
+}
+
 echo "== vit-random-rescaled: rescale (--mode all) and measure" >&2
 seed=0
 for ckpt in $(checkpoints "$runs/vit-random"); do
   rescaled=$runs/vit-random-rescaled/$(basename "$ckpt")
   [ -f "$rescaled" ] || $nfm rescale "$ckpt" --mode all --random-range 0.2 5 --seed "$seed" --out "$rescaled" >/dev/null
-  [ -f "${rescaled%.safetensors}.measures.safetensors" ] || $nfm measure "$rescaled" --rivals --quiet >/dev/null
   seed=$((seed + 1))
 done
+for ckpt in $(checkpoints "$runs/vit-random-rescaled"); do
+  echo "$ckpt ${ckpt%.safetensors}.measures.safetensors"
+done | measure_all --rivals
 
 echo "== hutchinson ($probes probes): the Hessian trace itself, before and after rescaling" >&2
 for folder in vit-random vit-random-rescaled; do
   mkdir -p "$runs/$folder-hutchinson"
   for ckpt in $(checkpoints "$runs/$folder"); do
-    hut=$runs/$folder-hutchinson/$(basename "${ckpt%.safetensors}").measures.safetensors
-    [ -f "$hut" ] || $nfm measure "$ckpt" --estimator hutchinson --probes "$probes" --out "$hut" --quiet >/dev/null
+    echo "$ckpt $runs/$folder-hutchinson/$(basename "${ckpt%.safetensors}").measures.safetensors"
   done
-done
+done | measure_all --estimator hutchinson --probes "$probes"
 
 measures=normalized_sharpness,matrix_normalized_sharpness,hessian_trace,frobenius_norm_sq,adaptive_sharpness
 report() {  # report NAME FOLDER [extra nfm report options]
