@@ -157,19 +157,16 @@ def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
 
 def _rescale_all(model: nn.Module, draws, inputs) -> list[str]:
     kinds = {type(m) for m in model.modules()}
+    if inputs is None and any(issubclass(k, nn.LayerNorm) for k in kinds):
+        raise NfmError("mode all on a model with LayerNorm needs example inputs (inputs=...)")
+    has = {"attention": lambda: bool(find_attention(model)),
+           "layernorm": lambda: inputs is not None and bool(find_layernorm_consumers(model, inputs)),
+           "neuron": lambda: nn.ReLU in kinds and bool(weight_pairs(model)),
+           "bn": lambda: nn.BatchNorm2d in kinds and bool(conv_bn_pairs(model))}
     touched: list[str] = []
-    for sub in ("attention", "layernorm", "neuron", "bn"):
-        applies = {"attention": lambda: bool(find_attention(model)),
-                   "layernorm": lambda: any(issubclass(k, nn.LayerNorm) for k in kinds),
-                   "neuron": lambda: nn.ReLU in kinds and bool(weight_pairs(model)),
-                   "bn": lambda: nn.BatchNorm2d in kinds and bool(conv_bn_pairs(model))}[sub]
-        if not applies():
-            continue
-        if sub == "layernorm" and (inputs is None or not find_layernorm_consumers(model, inputs)):
-            if inputs is None:
-                raise NfmError("mode all on a model with LayerNorm needs example inputs (inputs=...)")
-            continue
-        touched += _SYMMETRIES[sub](model, draws(sub), inputs)
+    for sub, present in has.items():   # in this order, each only where the model has it
+        if present():
+            touched += _SYMMETRIES[sub](model, draws(sub), inputs)
     if not touched:
         raise NfmError("the model has none of the symmetries nfm knows (attention heads, LayerNorm feeding "
                        "Linear layers, ReLU-joined weight layers, convolutions feeding BatchNorm)")
