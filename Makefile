@@ -8,7 +8,7 @@ DEMO_DIR ?= demo
 RESULTS ?= results
 JOBS ?= 2
 
-.PHONY: install test test-fast test-slow lint fuzz demo reproduce reproduce-protocol clean
+.PHONY: install test test-fast test-slow lint fuzz demo reproduce reproduce-protocol reproduce-vit clean
 
 install: $(STAMP)
 
@@ -79,6 +79,13 @@ reproduce: install
 # About 1.5 h on 2 cores; resumable.
 reproduce-protocol: install
 	JOBS=$(JOBS) scripts/reproduce_protocol.sh $(RESULTS)/protocol
+
+# Issue 21: the random-label protocol on vit-tiny (scripts/grids/vit-random.toml, AdamW with a warm-up),
+# measured (the default estimator: Gauss-Newton for ViTs; and hutchinson), every checkpoint rescaled with
+# `nfm rescale --mode all` (attention heads and LayerNorms: the same function) and measured again
+# (scripts/reproduce_vit.sh). Writes $(RESULTS)/vit/; resumable.
+reproduce-vit: install
+	JOBS=$(JOBS) scripts/reproduce_vit.sh $(RESULTS)/vit
 
 clean:
 	rm -rf $(DEMO_DIR) .make build *.egg-info

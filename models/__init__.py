@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 # name -> module that registers it (a new model: its module here, and @register(name) in it)
-CATALOG: dict[str, str] = {"lenet": "nfm_models.lenet", "mlp": "nfm_models.mlp", "wrn16-4": "nfm_models.wrn"}
+CATALOG: dict[str, str] = {"lenet": "nfm_models.lenet", "mlp": "nfm_models.mlp", "vit-tiny": "nfm_models.vit",
+                           "wrn16-4": "nfm_models.wrn"}
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -357,3 +357,69 @@ class Functional(nn.Module):
 
 def gelu_model():
     return nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
+
+
+# ---- tiny transformers (rescale --mode attention/layernorm/all; issue 21) ---------------------
+
+class EncoderClassifier(nn.Module):
+    """Tokens (B, 5, 12) -> Linear embedding -> nn.TransformerEncoder (2 layers, pre- or post-LN) ->
+    mean over tokens -> Linear head: a user's model built from torch's own transformer modules."""
+
+    def __init__(self, norm_first: bool, split_qkv: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True, norm_first=norm_first)
+        if split_qkv:   # separate q/k/v_proj_weight: nn.MultiheadAttention does so when kdim != embed_dim
+            layer.self_attn = nn.MultiheadAttention(16, 2, batch_first=True, kdim=16, vdim=16, add_bias_kv=True)
+            layer.self_attn._qkv_same_embed_dim = False
+            layer.self_attn.in_proj_weight = None
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                setattr(layer.self_attn, name, nn.Parameter(torch.randn(16, 16) / 4))
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if norm_first else None,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+def perturb_parameters(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
+    """Every parameter + scale * N(0, 1) (seeded): no zero-initialized head, no unit LayerNorm gain."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def tiny_transformer(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """(float64 eval-mode model, inputs) for one of TRANSFORMERS."""
+    torch.manual_seed(seed)
+    if name == "timm-vit":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                  embed_dim=32, num_heads=2, num_classes=5)
+        shape = (3, 32, 32)
+    elif name == "timm-swin":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
+                                  window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=16, num_classes=5)
+        shape = (3, 32, 32)
+    elif name == "torchvision-vit":
+        from torchvision.models import VisionTransformer
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                  mlp_dim=64, num_classes=5)
+        shape = (3, 32, 32)
+    elif name == "vit-tiny":
+        import nfm_models
+        model, shape = nfm_models.build("vit-tiny", image_size=8, dim=4, depth=1, num_heads=2, num_classes=3), (1, 8, 8)
+    else:
+        model = EncoderClassifier(norm_first=name == "encoder-pre-ln", split_qkv=name == "encoder-split-qkv")
+        shape = (5, 12)
+    model = perturb_parameters(model.double(), seed).eval()
+    x = torch.randn((6,) + shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return model, x
+
+
+TRANSFORMERS = ("timm-vit", "timm-swin", "torchvision-vit", "vit-tiny", "encoder-pre-ln", "encoder-post-ln",
+                "encoder-split-qkv")

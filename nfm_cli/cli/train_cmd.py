@@ -25,19 +25,22 @@ def train_command(
     epochs: int = typer.Option(50, min=1, help="Epochs to train (Appendix E: 50 on MNIST)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Minibatch size."),
     lr: float = typer.Option(1e-3, callback=positive, help="Learning rate."),
-    optimizer: Optimizer = typer.Option(Optimizer("adam"), help="adam (default betas; the paper's Appendix E) or "
-                                        "sgd."),
+    optimizer: Optimizer = typer.Option(Optimizer("adam"), help="adam (default betas; the paper's Appendix E), "
+                                        "sgd or adamw (Adam with decoupled weight decay, as ViTs are trained)."),
     momentum: float = typer.Option(0.0, min=0.0, help="SGD momentum in [0, 1) (sgd only; e.g. 0.9)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="L2 weight decay added to the "
-                                       "gradient (torch.optim's weight_decay; default none, as in the paper)."),
+                                       "gradient (torch.optim's weight_decay; default none, as in the paper); with "
+                                       "adamw, the decoupled decay w <- w - lr * wd * w."),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs", min=0, help="Raise the learning rate linearly from "
+                                      "lr/steps to lr over the minibatches of the first E epochs (0: none)."),
     stop_at_loss: Optional[float] = typer.Option(None, "--stop-at-loss", min=0.0, help="Stop after the first "
                                                  "epoch whose training cross-entropy is at most this (e.g. 0.01, "
                                                  "Jiang et al. 2020); --epochs stays the cap."),
     seed: int = typer.Option(0, help="Seed for init, subset, random labels and shuffling."),
     width: Optional[int] = typer.Option(None, min=1, help="mlp: hidden width (default 512); wrn16-4: width "
-                                        "factor k (4)."),
+                                        "factor k (4); vit-tiny: embedding width (32)."),
     depth: Optional[int] = typer.Option(None, min=1, help="mlp: hidden layers (default 3); wrn16-4: depth 6n+4 "
-                                        "(16)."),
+                                        "(16); vit-tiny: blocks (2)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Seeded subset of the training "
                                              "split."),
     test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="Seeded subset of the test split "
@@ -64,7 +67,7 @@ def train_command(
                          random_ratio=random_ratio, epochs=epochs, batch_size=batch_size, lr=lr,
                          optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay,
                          stop_at_loss=stop_at_loss, seed=seed, train_size=train_size, test_size=test_size,
-                         data_dir=str(data_dir) if data_dir else None)
+                         data_dir=str(data_dir) if data_dir else None, warmup_epochs=warmup_epochs)
     with locked(out, wait, "nfm train"), progress_bar(quiet) as progress:
         result = train(config, out, device=device, force=force, download=download, progress=progress,
                        save_every=save_every)

@@ -9,6 +9,11 @@
   alpha_c, the running mean by alpha_c, the running variance by alpha_c^2, and the BN weight by
   sqrt(alpha_c^2 v + eps) / (alpha_c sqrt(v + eps)), which makes the eval-mode function exactly
   the same (BN's eps would otherwise break it slightly).
+- ``attention`` and ``layernorm``: the transformer symmetries of ``nfm_cli.symmetries`` (per head
+  dimension, query x a / key x 1/a and value x b / output column x 1/b; a LayerNorm's gain and bias
+  x c with the input columns of the Linear layers that alone consume it x 1/c).
+- ``all``: every one of ``attention``, ``layernorm``, ``neuron`` and ``bn`` that the model has, in
+  that order, each drawing the factors it would draw alone.
 
 Layers and their connections come from a torch.fx trace of the model, so any registered model works.
 The result is checked on a batch of training inputs (max abs difference of the logits reported).
@@ -29,11 +34,15 @@ from nfm_cli.errors import NfmError
 from nfm_cli.runtime.rng import keyed_generator
 from nfm_cli.store.artifacts import write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.symmetries.attention import KNOWN_NAMES, find_attention
+from nfm_cli.symmetries.layernorm import find_layernorm_consumers
+from nfm_cli.symmetries.scaling import apply_scalings
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 # modules f with f(alpha x) = alpha f(x) for alpha > 0, applied per channel
 HOMOGENEOUS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
 CHECK_SAMPLES = 256
+STRUCTURE_SAMPLES = 4  # inputs of the forward pass that finds what consumes each LayerNorm
 
 
 @dataclass
@@ -124,47 +133,128 @@ def check_rescale_options(mode: str, alpha: float | None, random_range) -> None:
 
 @torch.no_grad()
 def rescale_model(model: nn.Module, mode: str, *, alpha: float | None = None,
-                  random_range: tuple[float, float] | None = None, seed: int = 0, pair: int = 0) -> list[str]:
-    """Apply the ``mode`` reparametrization in place; returns the names of the layers touched."""
+                  random_range: tuple[float, float] | None = None, seed: int = 0, pair: int = 0,
+                  inputs: torch.Tensor | None = None) -> list[str]:
+    """Apply the ``mode`` reparametrization in place; returns the names of the layers touched.
+
+    ``inputs`` (a few example inputs) are needed by the modes that look at LayerNorms (``layernorm``,
+    and ``all`` on a model with a LayerNorm): their consumers are found by running the model once.
+    ``all`` applies ``attention``, ``layernorm``, ``neuron`` and ``bn`` in turn, each that the model
+    has, each with the factors that mode alone would draw for ``seed``.
+    """
     check_rescale_options(mode, alpha, random_range)
-    modules = dict(model.named_modules())
-    gen = keyed_generator(seed, "rescale", mode)
+
+    def draws(sub: str):
+        gen = keyed_generator(seed, "rescale", sub)
+        return lambda count: _factors(count, alpha, random_range, gen)
+
+    if mode == "all":
+        return _rescale_all(model, draws, inputs)
+    if mode == "layer":
+        return _rescale_layer(model, draws(mode), pair)
+    return _SYMMETRIES[mode](model, draws(mode), inputs)
+
+
+def _rescale_all(model: nn.Module, draws, inputs) -> list[str]:
+    kinds = {type(m) for m in model.modules()}
+    if inputs is None and any(issubclass(k, nn.LayerNorm) for k in kinds):
+        raise NfmError("mode all on a model with LayerNorm needs example inputs (inputs=...)")
+    has = {"attention": lambda: bool(find_attention(model)),
+           "layernorm": lambda: inputs is not None and bool(find_layernorm_consumers(model, inputs)),
+           "neuron": lambda: nn.ReLU in kinds and bool(weight_pairs(model)),
+           "bn": lambda: nn.BatchNorm2d in kinds and bool(conv_bn_pairs(model))}
     touched: list[str] = []
-    if mode == "bn":
-        pairs = conv_bn_pairs(model)
-        if not pairs:
-            raise NfmError("the model has no convolution feeding a BatchNorm; use mode layer or neuron")
-        for conv_name, bn_name in pairs:
-            conv, bn = modules[conv_name], modules[bn_name]
-            a = _factors(conv.out_channels, alpha, random_range, gen)
-            _scale_rows(conv, a)
-            var = bn.running_var.detach().double().clone()
-            bn.running_mean.mul_(a.to(bn.running_mean.dtype))
-            bn.running_var.copy_(var * a ** 2)
-            if bn.weight is not None:
-                ratio = torch.sqrt(a ** 2 * var + bn.eps) / (a * torch.sqrt(var + bn.eps))
-                bn.weight.mul_(ratio.to(bn.weight.dtype))
-            touched += [conv_name, bn_name]
-        return touched
+    for sub, present in has.items():   # in this order, each only where the model has it
+        if present():
+            touched += _SYMMETRIES[sub](model, draws(sub), inputs)
+    if not touched:
+        raise NfmError("the model has none of the symmetries nfm knows (attention heads, LayerNorm feeding "
+                       "Linear layers, ReLU-joined weight layers, convolutions feeding BatchNorm)")
+    return list(dict.fromkeys(touched))
+
+
+def _rescale_attention(model: nn.Module, draw, inputs) -> list[str]:
+    """Per head dimension j: query x a_j, key x 1/a_j; value x b_j, output column x 1/b_j."""
+    found = find_attention(model)
+    if not found:
+        raise NfmError(f"the model has no attention module that nfm knows ({KNOWN_NAMES}); use mode "
+                       "layernorm, neuron, layer or bn")
+    for heads in found:
+        apply_scalings(heads.qk, draw(heads.width))
+        apply_scalings(heads.vo, draw(heads.width))
+    return [heads.path for heads in found]
+
+
+def _rescale_layernorm(model: nn.Module, draw, inputs) -> list[str]:
+    """LayerNorm gain and bias x c_j, input column j of the Linear layers consuming it x 1/c_j."""
+    if inputs is None:
+        raise NfmError("mode layernorm needs example inputs (rescale_model(..., inputs=x)) to find what "
+                       "consumes each LayerNorm")
+    found = find_layernorm_consumers(model, inputs)
+    if not found:
+        raise NfmError("the model has no LayerNorm whose output only Linear layers consume (pre-LN blocks, "
+                       "the final norm before the head); use mode attention, neuron, layer or bn")
+    touched: list[str] = []
+    for norm in found:
+        apply_scalings(norm.scalings, draw(norm.features))
+        touched += [norm.path] + norm.consumers
+    return touched
+
+
+def _rescale_bn(model: nn.Module, draw, inputs) -> list[str]:
+    pairs = conv_bn_pairs(model)
+    if not pairs:
+        raise NfmError("the model has no convolution feeding a BatchNorm; use mode layer or neuron")
+    modules = dict(model.named_modules())
+    touched: list[str] = []
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        a = draw(conv.out_channels)
+        _scale_rows(conv, a)
+        var = bn.running_var.detach().double().clone()
+        bn.running_mean.mul_(a.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var * a ** 2)
+        if bn.weight is not None:
+            ratio = torch.sqrt(a ** 2 * var + bn.eps) / (a * torch.sqrt(var + bn.eps))
+            bn.weight.mul_(ratio.to(bn.weight.dtype))
+        touched += [conv_name, bn_name]
+    return touched
+
+
+def _relu_pairs(model: nn.Module) -> list[WeightPair]:
     pairs = weight_pairs(model)
     if not pairs:
         raise NfmError("the model has no two weight layers joined by ReLU/pooling; try mode bn")
-    if mode == "layer":
-        if not 0 <= pair < len(pairs):
-            raise NfmError(f"pair must be in [0, {len(pairs) - 1}] for this model, not {pair}")
-        chosen = pairs[pair]
-        first, second = modules[chosen.first], modules[chosen.second]
-        a = float(_factors(1, alpha, random_range, gen)[0])
-        first.weight.mul_(a)
-        if first.bias is not None:
-            first.bias.mul_(a)
-        second.weight.div_(a)
-        return [chosen.first, chosen.second]
-    for p in pairs:  # neuron
+    return pairs
+
+
+def _rescale_layer(model: nn.Module, draw, pair: int) -> list[str]:
+    pairs = _relu_pairs(model)
+    if not 0 <= pair < len(pairs):
+        raise NfmError(f"pair must be in [0, {len(pairs) - 1}] for this model, not {pair}")
+    chosen = pairs[pair]
+    modules = dict(model.named_modules())
+    first, second = modules[chosen.first], modules[chosen.second]
+    a = float(draw(1)[0])
+    first.weight.mul_(a)
+    if first.bias is not None:
+        first.bias.mul_(a)
+    second.weight.div_(a)
+    return [chosen.first, chosen.second]
+
+
+def _rescale_neuron(model: nn.Module, draw, inputs) -> list[str]:
+    modules = dict(model.named_modules())
+    touched: list[str] = []
+    for p in _relu_pairs(model):
         first, second = modules[p.first], modules[p.second]
-        scale_units(first, second, _factors(first.weight.shape[0], alpha, random_range, gen))
+        scale_units(first, second, draw(first.weight.shape[0]))
         touched += [p.first, p.second]
     return list(dict.fromkeys(touched))
+
+
+_SYMMETRIES = {"attention": _rescale_attention, "layernorm": _rescale_layernorm, "neuron": _rescale_neuron,
+               "bn": _rescale_bn}
 
 
 @torch.no_grad()
@@ -206,7 +296,8 @@ def rescale_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mo
     stored = {k: v.dtype for k, v in ck.artifact.tensors.items() if k.startswith("model.")}
     with torch.no_grad():
         before = ck.model(x)
-    touched = rescale_model(ck.model, mode, alpha=alpha, random_range=random_range, seed=seed, pair=pair)
+    touched = rescale_model(ck.model, mode, alpha=alpha, random_range=random_range, seed=seed, pair=pair,
+                            inputs=x[:STRUCTURE_SAMPLES])
     with torch.no_grad():
         after = ck.model(x)
     diff = float((after - before).abs().max())

@@ -2,7 +2,10 @@
 
 Appendix E of the paper: Adam with default betas, no weight decay, no augmentation, cross-entropy
 (the default). For hyperparameter grids (Jiang et al. 2020): SGD with momentum, L2 weight decay
-(``torch.optim``'s ``weight_decay``, for both optimizers) and ``stop_at_loss``: training stops after
+(``torch.optim``'s ``weight_decay``, for both optimizers), AdamW (``adamw``: Adam with decoupled weight
+decay, Loshchilov & Hutter 2019, as ViTs are trained), a linear learning-rate warm-up over the first
+``warmup_epochs`` epochs (minibatch s of the run at lr * (s + 1) / (warmup_epochs * batches), then lr)
+and ``stop_at_loss``: training stops after
 the first epoch whose training cross-entropy (eval mode, whole training set) is at most that value,
 ``epochs`` staying the cap.
 Sec. 6.1: a seeded fraction of the training labels is replaced by uniformly random ones; the labels
@@ -41,8 +44,10 @@ RUNNING_LOSS = "train.running_loss"  # the epoch's loss sum so far, in checkpoin
 DIVERGENCE_FACTOR = 10.0
 # --width / --depth map to these constructor arguments (mlp: hidden width and hidden layers;
 # wrn16-4: width factor k and total depth 6n+4, e.g. --depth 10 --width 1 for a tiny WRN-10-1)
+# vit-tiny: embedding width (its heads must divide it) and number of blocks
 _SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
-              "wrn16-4": {"width": "widen_factor", "depth": "depth"}}
+              "wrn16-4": {"width": "widen_factor", "depth": "depth"},
+              "vit-tiny": {"width": "dim", "depth": "depth"}}
 
 
 @dataclass
@@ -65,6 +70,7 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     data_dir: str | None = None
+    warmup_epochs: int = 0
 
     # fields that may differ between a run and its resumption
     NON_IDENTITY = ("data_dir", "epochs")
@@ -88,7 +94,8 @@ class TrainConfig:
         self._validate_optimizer()
         for name in ("width", "depth"):
             if getattr(self, name) is not None and self.model not in _SIZE_ARGS:
-                raise NfmError(f"{name} applies to {' and '.join(_SIZE_ARGS)} only, not {self.model}")
+                sized = list(_SIZE_ARGS)
+                raise NfmError(f"{name} applies to {', '.join(sized[:-1])} and {sized[-1]} only, not {self.model}")
         try:
             model_from_spec(self.model_spec())
         except (TypeError, ValueError) as exc:
@@ -102,15 +109,24 @@ class TrainConfig:
                 raise NfmError(f"{name} must be a non-negative number, not {getattr(self, name)}")
         if self.momentum >= 1:
             raise NfmError(f"momentum must be below 1, not {self.momentum}")
-        if self.optimizer == "adam" and self.momentum != 0:
+        if self.optimizer in ("adam", "adamw") and self.momentum != 0:
             raise NfmError("momentum applies to optimizer sgd only (Adam uses its default betas)")
+        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            raise NfmError(f"warmup_epochs must be a non-negative integer, not {self.warmup_epochs}")
         if self.stop_at_loss is not None and not (0 <= self.stop_at_loss < math.inf):
             raise NfmError(f"stop_at_loss must be a non-negative number, not {self.stop_at_loss}")
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def warmup_lr(self, epoch: int, batch: int, batches: int) -> float | None:
+        """The learning rate of minibatch ``batch`` of epoch ``epoch + 1`` during the warm-up, else None."""
+        step, steps = epoch * batches + batch + 1, self.warmup_epochs * batches
+        return self.lr * step / steps if step < steps else (self.lr if step == steps else None)
 
     def reached_stop_loss(self, metrics: dict[str, Any]) -> bool:
         loss = metrics.get("train_loss")
@@ -296,6 +312,10 @@ def _train_epoch(run: _Run, data: _Data, config: TrainConfig, batches: int, prog
     for b in range(run.batch, batches):
         idx = order[b * config.batch_size:(b + 1) * config.batch_size]
         loss = F.cross_entropy(run.model(data.x_train[idx]), data.y_train[idx])
+        lr = config.warmup_lr(run.epoch, b, batches)
+        if lr is not None:
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()

@@ -82,14 +82,14 @@ def test_complete_run_is_left_alone_unless_forced(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(model="resnet"), "unknown model 'resnet'; valid models: lenet, mlp, wrn16-4"),
+    (dict(model="resnet"), "unknown model 'resnet'; valid models: lenet, mlp, vit-tiny, wrn16-4"),
     (dict(dataset="imagenet"), "unknown dataset"),
     (dict(random_ratio=1.5), r"random_ratio must be in \[0, 1\]"),
     (dict(random_ratio=-0.1), r"random_ratio must be in \[0, 1\]"),
     (dict(epochs=0), "epochs must be a positive integer"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
     (dict(lr=0.0), "lr must be a positive number"),
-    (dict(model="lenet", width=8), "width applies to mlp and wrn16-4 only"),
+    (dict(model="lenet", width=8), "width applies to mlp, wrn16-4 and vit-tiny only"),
     (dict(model="wrn16-4", width=None, depth=11), "depth must be 6n"),
 ])
 def test_impossible_options(tmp_path, overrides, match):
