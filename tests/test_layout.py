@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "nfm_cli"
-CORE = ("curvature", "measures", "report", "store", "data", "runtime")
+CORE = ("curvature", "measures", "report", "store", "data", "runtime", "symmetries")
 TOP_LEVEL = {"__init__.py", "__main__.py", "api.py", "choices.py", "errors.py"}
 
 
