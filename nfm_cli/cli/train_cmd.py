@@ -11,6 +11,7 @@ from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import Dataset, Device, Force, Model, Optimizer, Quiet, flag, positive
 from nfm_cli.cli.render import console, progress_bar
+from nfm_cli.data.registry import datasets_help
 
 
 @command("train", WORKFLOW)
@@ -18,8 +19,7 @@ def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (safetensors). An incomplete one "
                              "with the same config is resumed; a complete one is left alone."),
     model: Model = typer.Option(Model("mlp"), help="Model from the registry."),
-    dataset: Dataset = typer.Option(Dataset("fashion-mnist"), help="Dataset (synthetic: a small seeded set made "
-                                    "in code)."),
+    dataset: Dataset = typer.Option(Dataset("fashion-mnist"), help=datasets_help()),
     random_ratio: float = typer.Option(0.0, "--random-ratio", min=0.0, max=1.0, help="Fraction of training "
                                        "labels replaced by uniformly random ones (Sec. 6.1)."),
     epochs: int = typer.Option(50, min=1, help="Epochs to train (Appendix E: 50 on MNIST)."),

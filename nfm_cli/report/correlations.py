@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from nfm_cli.choices import REPORT_GROUP_BY as DEFAULT_GROUP_BY
+from nfm_cli.data.registry import DATASET_SPECS
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.registry import DIAGNOSTICS as DIAGNOSTIC_KEYS
 from nfm_cli.measures.registry import RUN_LABELS, RUN_METRICS, measure_keys, summary_keys
@@ -349,7 +350,7 @@ def write_csv(runs: Sequence[dict], path: str | os.PathLike) -> Path:
 # group are), and the test split sizes that the Hoeffding weights need when --test-size was not given.
 PROTOCOL_AXES = ("model", "dataset", "width", "depth", "random_ratio", "train_size", "epochs", "batch_size", "lr",
                  "optimizer", "momentum", "weight_decay", "stop_at_loss")
-TEST_SPLIT_SIZES = {"mnist": 10_000, "fashion-mnist": 10_000, "cifar10": 10_000, "synthetic": 512}
+TEST_SPLIT_SIZES = {name: spec.test_size for name, spec in DATASET_SPECS.items()}
 
 
 def _test_samples(run: dict) -> float:
