@@ -106,8 +106,6 @@ RUN_METRICS: dict[str, str] = {
     "test_loss": "test loss",
     "random_ratio": "random-label ratio",
 }
-# The run's identity fields ``report`` can group by.
-RUN_LABELS = ("model", "dataset", "seed", "train_size", "epochs", "optimizer")
 
 
 def measure_keys() -> tuple[str, ...]:

@@ -22,9 +22,9 @@ from nfm_cli.runtime.progress import ProgressFn
 from nfm_cli.steps.hessian_diag import HessianDiagonal, read_hessian_diagonal
 from nfm_cli.store.artifacts import write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.store.train_config import RESULT_FIELDS
 
-RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth", "lr", "batch_size",
-                 "optimizer", "momentum", "weight_decay", "stop_at_loss")
+RESULT_CONFIG = RESULT_FIELDS   # the run's config fields copied into measures files (store.train_config)
 
 
 @dataclass

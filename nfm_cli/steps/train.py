@@ -32,6 +32,7 @@ from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.runtime.rng import derive_seed, keyed_generator
 from nfm_cli.store.artifacts import read_artifact, write_artifact
 from nfm_cli.store.checkpoint import model_from_spec, tensor_hash
+from nfm_cli.store.train_config import NON_IDENTITY, TrainFields
 
 EVAL_BATCH = 1024
 SAVE_EVERY_SECONDS = TRAIN_SAVE_EVERY_SECONDS
@@ -46,28 +47,13 @@ _SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
 
 
 @dataclass
-class TrainConfig:
-    """Everything that determines the trained weights (``data_dir`` only says where the data is)."""
-
-    model: str = "mlp"
-    dataset: str = "fashion-mnist"
-    width: int | None = None
-    depth: int | None = None
-    random_ratio: float = 0.0
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    stop_at_loss: float | None = None
-    seed: int = 0
-    train_size: int | None = None
-    test_size: int | None = None
-    data_dir: str | None = None
+class TrainConfig(TrainFields):
+    """Everything that determines the trained weights (``data_dir`` only says where the data is): the
+    fields of ``store.train_config.TrainFields`` (declared there, torch-free), checked and turned into a
+    model spec and an optimizer here."""
 
     # fields that may differ between a run and its resumption
-    NON_IDENTITY = ("data_dir", "epochs")
+    NON_IDENTITY = NON_IDENTITY
 
     def validate(self) -> None:
         if self.model not in nfm_models.names():
