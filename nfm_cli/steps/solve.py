@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nfm_cli.choices import SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.compute import check_solver_options, compute_measures
 from nfm_cli.measures.registry import RUN_METRICS
@@ -46,7 +47,7 @@ def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
 def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.PathLike | HessianDiagonal,
                    out: str | os.PathLike, *,
                    trace_hdiag: str | os.PathLike | HessianDiagonal | None = None, fisher_rao: float | None = None,
-                   tol: float = 1e-10, max_iter: int = 10_000, progress: ProgressFn = None,
+                   tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER, progress: ProgressFn = None,
                    extra_config: dict[str, Any] | None = None,
                    extra_result: dict[str, Any] | None = None) -> MeasureResult:
     """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``.
