@@ -21,7 +21,7 @@ from nfm_cli.measures.compute import check_solver_options, compute_measures
 from nfm_cli.measures.registry import RUN_METRICS
 from nfm_cli.runtime.progress import ProgressFn
 from nfm_cli.steps.hessian_diag import HessianDiagonal, read_hessian_diagonal
-from nfm_cli.store.artifacts import write_artifact
+from nfm_cli.store.artifacts import COMPLETE, write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
 from nfm_cli.store.train_config import RESULT_FIELDS
 
@@ -77,7 +77,7 @@ def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.P
               "trace_loss": result["trace_loss"], "estimator": h_art.config.get("estimator")}
     config.update(extra_config or {})
     meta = {"config": config, "parents": parents, "result": result, "checkpoint_path": str(ck.path),
-            "progress": {"complete": True}, "wall_time": time.perf_counter() - start}
+            "progress": {COMPLETE: True}, "wall_time": time.perf_counter() - start}
     write_artifact(out, measures.sigmas, "measures", meta)
     return MeasureResult(Path(out), "written", result, [])
 

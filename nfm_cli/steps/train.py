@@ -30,7 +30,7 @@ from nfm_cli.runtime import interrupt
 from nfm_cli.runtime.devices import resolve_device
 from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.runtime.rng import derive_seed, keyed_generator
-from nfm_cli.store.artifacts import read_artifact, write_artifact
+from nfm_cli.store.artifacts import COMPLETE, read_artifact, write_artifact
 from nfm_cli.store.checkpoint import model_from_spec, tensor_hash
 from nfm_cli.store.train_config import NON_IDENTITY, TrainFields
 
@@ -427,7 +427,7 @@ def _save(out: Path, config: TrainConfig, spec, run: _Run, data: _Data) -> None:
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     complete = run.batch == 0 and (run.epoch >= config.epochs or config.reached_stop_loss(run.metrics))
-    progress = {"epochs_done": run.epoch, "epochs": config.epochs, "complete": complete}
+    progress = {"epochs_done": run.epoch, "epochs": config.epochs, COMPLETE: complete}
     if run.batch:  # saved inside an epoch: the position in it and the epoch's loss sum so far
         progress["batches_done"] = run.batch
         tensors[RUNNING_LOSS] = run.running
