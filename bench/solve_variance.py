@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import command, fmt, machine, median_iqr, replace_section, versions  # noqa: E402
+from nfm_cli.choices import SOLVER_TOL  # noqa: E402
 from nfm_cli.measures.variance import solve_layer, to_matrix  # noqa: E402
 
 SECTION = "## Per-layer variance solver (`bench/solve_variance.py`)"
@@ -93,7 +94,7 @@ def adam_route(w2, h, target, gap, cap_s, lr):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tol", type=float, default=1e-10)
+    ap.add_argument("--tol", type=float, default=SOLVER_TOL)
     ap.add_argument("--gap", type=float, default=1e-6, help="relative objective gap the Adam route must reach")
     ap.add_argument("--cap", type=float, default=120.0, help="total time cap (s) for the Adam route")
     ap.add_argument("--lr", type=float, default=0.05)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS
+from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS, SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.curvature.batch_size import auto_batch_size
 from nfm_cli.curvature.estimators import make_estimator
 from nfm_cli.curvature.exact import check_exact_supported
@@ -27,7 +27,7 @@ from nfm_cli.steps.train import _evaluate
 def measure_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x_test: torch.Tensor | None = None,
                   y_test: torch.Tensor | None = None, estimator: str = "exact", samples: int | None = None,
                   probes: int = DEFAULT_PROBES, batch_size: int | None = None, seed: int = 0,
-                  tol: float = 1e-10, max_iter: int = 10_000, progress: ProgressFn = None) -> dict[str, Any]:
+                  tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER, progress: ProgressFn = None) -> dict[str, Any]:
     """Normalized sharpness and its rivals of ``model`` on the training data ``(x, y)``, in memory.
 
     ``x``: inputs as the model takes them; ``y``: int64 labels the model was trained on (on the model's

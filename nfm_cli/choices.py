@@ -2,20 +2,20 @@
 
 The command line lists them (choices and defaults in ``--help``, checked by the parser) without
 loading torch; each core module imports its own from here or from its package's torch-free registry
-(estimators: ``curvature.registry``; measures: ``measures.registry``), and checks against them for
-Python callers (``losses.LOSS_NAMES`` is ``choices.LOSS_NAMES``). The model names are
+(estimators: ``curvature.registry``; datasets: ``data.registry``; measures: ``measures.registry``), and
+checks against them for Python callers (``losses.LOSS_NAMES`` is ``choices.LOSS_NAMES``). The model names are
 ``nfm_models.CATALOG``'s.
 """
 from __future__ import annotations
 
 from nfm_cli.curvature.registry import DEFAULT_PROBES, FD_SCALE  # noqa: F401  (re-exported for the CLI)
 from nfm_cli.curvature.registry import ESTIMATOR_NAMES as ESTIMATORS
+from nfm_cli.data.registry import DATASET_NAMES as DATASETS
 
 LOSS_NAMES = ("normalized-ce", "ce")                     # losses: what a Hessian diagonal is of
 HESSIAN_SAVE_EVERY_SECONDS = 60.0                        # steps.hessian_diag: partial state saved this often
 TRAIN_SAVE_EVERY_SECONDS = 60.0                          # steps.train: the checkpoint saved this often
 PRECISIONS = ("float32", "float64")                      # steps.measure: the torch dtypes of these names
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")   # data: the registered datasets
 OPTIMIZERS = ("adam", "sgd", "adamw")                    # steps.train
 RESCALE_MODES = ("layer", "neuron", "bn", "attention", "layernorm", "all")  # steps.rescale
 REPORT_GROUP_BY = ("model", "dataset")                   # report: run fields that split groups by default

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from nfm_cli.choices import DATASETS
 from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import Device, Force, Quiet
@@ -21,7 +22,7 @@ def import_command(
     weights: Path = typer.Option(..., "--weights", help="The state_dict: .safetensors, or .pt/.pth/.bin loaded with "
                                  "torch.load(weights_only=True) (no code in it runs). {'state_dict': ...} / "
                                  "{'model': ...} wrappers and module. (DDP) / model. (Lightning) prefixes are undone."),
-    data: str = typer.Option(..., "--data", help="mnist, fashion-mnist, cifar10, synthetic; "
+    data: str = typer.Option(..., "--data", help=f"{', '.join(DATASETS)}; "
                              "tensors:FILE.safetensors (train.x, train.y, test.x, test.y, preprocessed); or "
                              "imagefolder:DIR (DIR/train and DIR/test or DIR/val, one folder per class)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (refused if it exists, unless --force)."),

@@ -26,6 +26,8 @@ from nfm_cli.choices import (
     OPTIMIZERS,
     PRECISIONS,
     RESCALE_MODES,
+    SOLVER_MAX_ITER,
+    SOLVER_TOL,
 )
 
 
@@ -87,4 +89,4 @@ MaxIter = Annotated[int, typer.Option("--max-iter", min=1, help="Solver iteratio
 __all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "Device", "Estimator", "EstimatorOpt",
            "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "HESSIAN_SAVE_EVERY_SECONDS", "Json", "Loss",
            "MaxIter", "Mode", "Model", "Optimizer", "Precision", "Probes", "Quiet", "Samples", "SaveEvery", "Seed",
-           "Tol", "flag", "positive"]
+           "SOLVER_MAX_ITER", "SOLVER_TOL", "Tol", "flag", "positive"]

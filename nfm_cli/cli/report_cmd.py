@@ -15,6 +15,7 @@ from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.options import Json, Quiet, positive
 from nfm_cli.cli.render import console, plural, print_json, progress_bar, score
 from nfm_cli.measures.registry import summary_keys
+from nfm_cli.store.train_config import LABEL_FIELDS
 
 
 def _split(values: Optional[list[str]]) -> list[str]:
@@ -38,8 +39,8 @@ def report_command(
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
     as_json: Json = False,
     group_by: str = typer.Option(",".join(REPORT_GROUP_BY), "--group-by",
-                                 help="Comma-separated run fields to split groups by (model, dataset, seed, "
-                                 "train_size, epochs), or 'none' for one group."),
+                                 help=f"Comma-separated run fields to split groups by ({', '.join(LABEL_FIELDS)}), "
+                                 "or 'none' for one group."),
     protocol: bool = typer.Option(False, "--protocol", help="Also score each measure the way Jiang et al. 2020 "
                                   "and Dziugaite et al. 2020 do over a hyperparameter grid: Kendall tau, granulated "
                                   "Kendall per axis (the config fields that vary, seed excluded), CMI score, robust "

@@ -9,7 +9,7 @@ import typer
 from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.measure_cmd import finish
-from nfm_cli.cli.options import CheckpointArg, Json, MaxIter, Quiet, Tol
+from nfm_cli.cli.options import SOLVER_MAX_ITER, SOLVER_TOL, CheckpointArg, Json, MaxIter, Quiet, Tol
 from nfm_cli.cli.render import progress_bar
 
 
@@ -21,8 +21,8 @@ def solve_variance_command(
     out: Path = typer.Option(..., "--out", "-o", help="Measures file to write."),
     trace_hdiag: Optional[Path] = typer.Option(None, "--trace-hdiag", help="A second hessian-diag file (e.g. "
                                                "--loss ce, Sec. 6.2) whose trace is reported; default: HDIAG."),
-    tol: Tol = 1e-10,
-    max_iter: MaxIter = 10_000,
+    tol: Tol = SOLVER_TOL,
+    max_iter: MaxIter = SOLVER_MAX_ITER,
     as_json: Json = False,
     quiet: Quiet = False,
     wait: bool = wait_option(),

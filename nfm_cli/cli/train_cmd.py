@@ -11,42 +11,48 @@ from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import Dataset, Device, Force, Model, Optimizer, Quiet, flag, positive
 from nfm_cli.cli.render import console, progress_bar
+from nfm_cli.data.registry import datasets_help
+from nfm_cli.store.train_config import TRAIN_DEFAULTS as DEFAULT
 
 
 @command("train", WORKFLOW)
 def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (safetensors). An incomplete one "
                              "with the same config is resumed; a complete one is left alone."),
-    model: Model = typer.Option(Model("mlp"), help="Model from the registry."),
-    dataset: Dataset = typer.Option(Dataset("fashion-mnist"), help="Dataset (synthetic: a small seeded set made "
-                                    "in code)."),
-    random_ratio: float = typer.Option(0.0, "--random-ratio", min=0.0, max=1.0, help="Fraction of training "
-                                       "labels replaced by uniformly random ones (Sec. 6.1)."),
-    epochs: int = typer.Option(50, min=1, help="Epochs to train (Appendix E: 50 on MNIST)."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Minibatch size."),
-    lr: float = typer.Option(1e-3, callback=positive, help="Learning rate."),
-    optimizer: Optimizer = typer.Option(Optimizer("adam"), help="adam (default betas; the paper's Appendix E), "
-                                        "sgd or adamw (Adam with decoupled weight decay, as ViTs are trained)."),
-    momentum: float = typer.Option(0.0, min=0.0, help="SGD momentum in [0, 1) (sgd only; e.g. 0.9)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="L2 weight decay added to the "
-                                       "gradient (torch.optim's weight_decay; default none, as in the paper); with "
-                                       "adamw, the decoupled decay w <- w - lr * wd * w."),
-    warmup_epochs: int = typer.Option(0, "--warmup-epochs", min=0, help="Raise the learning rate linearly from "
-                                      "lr/steps to lr over the minibatches of the first E epochs (0: none)."),
-    stop_at_loss: Optional[float] = typer.Option(None, "--stop-at-loss", min=0.0, help="Stop after the first "
-                                                 "epoch whose training cross-entropy is at most this (e.g. 0.01, "
-                                                 "Jiang et al. 2020); --epochs stays the cap."),
-    seed: int = typer.Option(0, help="Seed for init, subset, random labels and shuffling."),
-    width: Optional[int] = typer.Option(None, min=1, help="mlp: hidden width (default 512); wrn16-4: width "
-                                        "factor k (4); vit-tiny: embedding width (32)."),
-    depth: Optional[int] = typer.Option(None, min=1, help="mlp: hidden layers (default 3); wrn16-4: depth 6n+4 "
-                                        "(16); vit-tiny: blocks (2)."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Seeded subset of the training "
-                                             "split."),
-    test_size: Optional[int] = typer.Option(None, "--test-size", min=1, help="Seeded subset of the test split "
-                                            "for the test accuracy (default: all)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the dataset files (searched "
-                                            "before $NFM_DATA and /usr/share/datasets/<name>)."),
+    model: Model = typer.Option(Model(DEFAULT["model"]), help="Model from the registry."),
+    dataset: Dataset = typer.Option(Dataset(DEFAULT["dataset"]), help=datasets_help()),
+    random_ratio: float = typer.Option(DEFAULT["random_ratio"], "--random-ratio", min=0.0, max=1.0,
+                                       help="Fraction of training labels replaced by uniformly random ones "
+                                       "(Sec. 6.1)."),
+    epochs: int = typer.Option(DEFAULT["epochs"], min=1, help="Epochs to train (Appendix E: 50 on MNIST)."),
+    batch_size: int = typer.Option(DEFAULT["batch_size"], "--batch-size", min=1, help="Minibatch size."),
+    lr: float = typer.Option(DEFAULT["lr"], callback=positive, help="Learning rate."),
+    optimizer: Optimizer = typer.Option(Optimizer(DEFAULT["optimizer"]), help="adam (default betas; the paper's "
+                                        "Appendix E), sgd or adamw (Adam with decoupled weight decay, as ViTs are "
+                                        "trained)."),
+    momentum: float = typer.Option(DEFAULT["momentum"], min=0.0, help="SGD momentum in [0, 1) (sgd only; "
+                                   "e.g. 0.9)."),
+    weight_decay: float = typer.Option(DEFAULT["weight_decay"], "--weight-decay", min=0.0, help="L2 weight decay "
+                                       "added to the gradient (torch.optim's weight_decay; default none, as in the "
+                                       "paper); with adamw, the decoupled decay w <- w - lr * wd * w."),
+    warmup_epochs: int = typer.Option(DEFAULT["warmup_epochs"], "--warmup-epochs", min=0, help="Raise the "
+                                      "learning rate linearly from lr/steps to lr over the minibatches of the "
+                                      "first E epochs (0: none)."),
+    stop_at_loss: Optional[float] = typer.Option(DEFAULT["stop_at_loss"], "--stop-at-loss", min=0.0,
+                                                 help="Stop after the first epoch whose training cross-entropy is "
+                                                 "at most this (e.g. 0.01, Jiang et al. 2020); --epochs stays the "
+                                                 "cap."),
+    seed: int = typer.Option(DEFAULT["seed"], help="Seed for init, subset, random labels and shuffling."),
+    width: Optional[int] = typer.Option(DEFAULT["width"], min=1, help="mlp: hidden width (default 512); wrn16-4: "
+                                        "width factor k (4); vit-tiny: embedding width (32)."),
+    depth: Optional[int] = typer.Option(DEFAULT["depth"], min=1, help="mlp: hidden layers (default 3); wrn16-4: "
+                                        "depth 6n+4 (16); vit-tiny: blocks (2)."),
+    train_size: Optional[int] = typer.Option(DEFAULT["train_size"], "--train-size", min=1, help="Seeded subset of "
+                                             "the training split."),
+    test_size: Optional[int] = typer.Option(DEFAULT["test_size"], "--test-size", min=1, help="Seeded subset of the "
+                                            "test split for the test accuracy (default: all)."),
+    data_dir: Optional[Path] = typer.Option(DEFAULT["data_dir"], "--data-dir", help="Folder with the dataset files "
+                                            "(searched before $NFM_DATA and /usr/share/datasets/<name>)."),
     download: Annotated[bool, flag("--download", help="Allow torchvision to download the dataset.")] = False,
     device: Device = "auto",
     save_every: float = typer.Option(TRAIN_SAVE_EVERY_SECONDS, "--save-every", min=0.0, metavar="SECONDS", help="Write the checkpoint "

@@ -1,4 +1,5 @@
-"""Datasets as whole tensors: MNIST, Fashion-MNIST, CIFAR-10 and a synthetic set.
+"""Datasets as whole tensors: the registered ones (``data.registry``: MNIST, Fashion-MNIST, CIFAR-10 and
+a synthetic set), read by their registered file layout and standardised with their normalization.
 
 Local folders are searched first (``--data-dir``, then ``$NFM_DATA``, then Debian's
 ``/usr/share/datasets/<name>``); nothing is downloaded unless ``download=True``. A folder may hold
@@ -16,24 +17,18 @@ from pathlib import Path
 
 import torch
 
-from nfm_cli.choices import DATASETS
-from nfm_cli.data.files import CIFAR_BATCHES, CIFAR_FOLDER, IDX_FILES, cached, read_cifar_split, read_idx_split
+from nfm_cli.data.files import CIFAR_BATCHES, IDX_FILES, cached, read_cifar_split, read_idx_split
+from nfm_cli.data.registry import DATASET_SPECS, dataset_spec
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime.rng import keyed_generator
 
 DEBIAN_ROOT = Path("/usr/share/datasets")
 
-# Per-channel mean/std of the training splits, used to standardise inputs.
-_NORMALIZATION = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-_TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
-
-SYNTHETIC_SHAPE = (1, 28, 28)
-SYNTHETIC_CLASSES = 10
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2048, 512
+# the synthetic set's facts, as registered (``synthetic_split`` makes it)
+_SYNTHETIC = DATASET_SPECS["synthetic"]
+SYNTHETIC_SHAPE = _SYNTHETIC.shape
+SYNTHETIC_CLASSES = _SYNTHETIC.num_classes
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = _SYNTHETIC.train_size, _SYNTHETIC.test_size
 
 
 class Split:
@@ -76,18 +71,13 @@ class DatasetInfo:
 
 def dataset_info(name: str) -> DatasetInfo:
     """Input shape and class count of a dataset (they set the model's constructor arguments)."""
-    check_dataset_name(name)
-    if name == "cifar10":
-        return DatasetInfo(3, 32, 10)
-    if name == "synthetic":
-        return DatasetInfo(SYNTHETIC_SHAPE[0], SYNTHETIC_SHAPE[1], SYNTHETIC_CLASSES)
-    return DatasetInfo(1, 28, 10)
+    spec = dataset_spec(name)
+    return DatasetInfo(spec.in_channels, spec.image_size, spec.num_classes)
 
 
 def check_dataset_name(name: str) -> None:
     """An ``NfmError`` listing the valid names unless ``name`` is a known dataset."""
-    if name not in DATASETS:
-        raise NfmError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    dataset_spec(name)
 
 
 def cache_dir() -> Path:
@@ -125,13 +115,12 @@ def load_split(name: str, train: bool, data_dir: str | os.PathLike | None = None
 
     ``strict``: ``data_dir`` was given by the user, so the dataset must be there (or be downloaded
     there); nothing else is searched. Otherwise ``data_dir`` is only the first folder searched."""
-    check_dataset_name(name)
-    if name == "synthetic":
+    if dataset_spec(name).layout == "synthetic":
         return synthetic_split(train)
     if strict:
         check_data_dir(data_dir)
     raw_x, raw_y = _load_raw(name, train, data_dir, download, strict and data_dir is not None)
-    return Split(None, raw_y.to(torch.int64), raw=raw_x, normalization=_NORMALIZATION[name])
+    return Split(None, raw_y.to(torch.int64), raw=raw_x, normalization=dataset_spec(name).normalization)
 
 
 def _load_raw(name: str, train: bool, data_dir, download: bool,
@@ -162,8 +151,9 @@ def _local_files(name: str, train: bool, root: Path) -> list[Path] | None:
     batches folder), or None if they are not there."""
     if not root.is_dir():
         return None
-    if name == "cifar10":
-        folder = root / CIFAR_FOLDER
+    spec = dataset_spec(name)
+    if spec.layout == "cifar":
+        folder = root / spec.torchvision_folder
         files = [folder / b for b in CIFAR_BATCHES[train]]
         if not (folder / CIFAR_BATCHES[True][0]).exists():
             return None
@@ -171,7 +161,7 @@ def _local_files(name: str, train: bool, root: Path) -> list[Path] | None:
         if missing:
             raise NfmError(f"dataset {name} found but incomplete (no {missing[0]})", folder)
         return files
-    for folder in (root, root / _TORCHVISION_FOLDER[name] / "raw"):
+    for folder in (root, root / spec.torchvision_folder / "raw"):
         files = [next((c for c in (folder / f, folder / (f + ".gz")) if c.exists()), None) for f in IDX_FILES[train]]
         if all(files):
             return files
@@ -179,7 +169,7 @@ def _local_files(name: str, train: bool, root: Path) -> list[Path] | None:
 
 
 def _read_files(name: str, train: bool, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    if name == "cifar10":
+    if dataset_spec(name).layout == "cifar":
         decode = lambda: read_cifar_split(files)  # noqa: E731
     else:
         decode = lambda: read_idx_split(*files)  # noqa: E731
@@ -190,7 +180,7 @@ def _download(name: str, train: bool, target: Path) -> None:
     """torchvision's downloader (checked against its md5 sums); imported only here: it is slow."""
     import torchvision.datasets as tvd
 
-    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    cls = getattr(tvd, dataset_spec(name).download_class)
     try:
         cls(str(target), train=train, download=True)
     except Exception as exc:

@@ -26,7 +26,6 @@ from nfm_cli.errors import NfmError
 CACHE_VERSION = 1
 IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_BATCHES = {True: tuple(f"data_batch_{i}" for i in range(1, 6)), False: ("test_batch",)}
 _IDX_UINT8 = 0x08
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from nfm_cli.data.datasets import DATASETS, Split, load_split
+from nfm_cli.data.datasets import Split, load_split
+from nfm_cli.data.registry import DATASET_NAMES
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime.files import file_sha256, read_safetensors
 
@@ -62,10 +63,10 @@ def parse_data_spec(text: str, resize: int | None = None, crop: int | None = Non
         if not where:
             raise NfmError(f"--data {text!r} names no path")
         location = str(Path(where).expanduser().resolve())
-    elif text in DATASETS:
+    elif text in DATASET_NAMES:
         kind, location = "registered", text
     else:
-        raise NfmError(f"--data {text!r} is not a dataset ({', '.join(DATASETS)}), tensors:FILE.safetensors "
+        raise NfmError(f"--data {text!r} is not a dataset ({', '.join(DATASET_NAMES)}), tensors:FILE.safetensors "
                        "or imagefolder:DIR")
     if kind != "imagefolder" and (resize or crop or normalize):
         raise NfmError("--resize, --crop and --normalize apply to --data imagefolder:DIR only")

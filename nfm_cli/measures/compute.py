@@ -27,6 +27,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from nfm_cli.choices import SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.variance import LayerSolution, matrix_normalized_layer, solve_layer, to_matrix
 from nfm_cli.runtime.progress import ProgressFn, report
@@ -63,8 +64,8 @@ def check_solver_options(tol: float, max_iter: int) -> None:
 
 
 def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
-                     trace_hdiag: dict[str, torch.Tensor] | None = None, *, tol: float = 1e-10,
-                     max_iter: int = 10_000, progress: ProgressFn = None) -> Measures:
+                     trace_hdiag: dict[str, torch.Tensor] | None = None, *, tol: float = SOLVER_TOL,
+                     max_iter: int = SOLVER_MAX_ITER, progress: ProgressFn = None) -> Measures:
     """All Hessian-based measures of ``model`` from ``hdiag`` (normalized-ce diagonal, raw) and
     ``trace_hdiag`` (the diagonal whose trace is reported; defaults to ``hdiag``)."""
     check_solver_options(tol, max_iter)

@@ -4,7 +4,7 @@ Everything that names a measure is driven by ``MEASURES``: the ``nfm measure`` t
 (``summary_keys``), ``nfm report``'s known and default measures, the CSV columns, the plot titles,
 and README's measure table (``readme_table``; a test checks README against it). A new measure is
 one entry here plus the code that computes it (``measures.py`` for the Hessian- and weight-based
-ones, ``fisher_rao.py`` for per-sample gradients); ``tests/test_measure_registry.py`` fails until
+ones, ``fisher_rao.py`` for per-sample gradients); ``tests/measures/test_registry.py`` fails until
 both exist.
 
 ``python scripts/measure_table.py`` prints README's table (the core itself never prints).
@@ -106,8 +106,6 @@ RUN_METRICS: dict[str, str] = {
     "test_loss": "test loss",
     "random_ratio": "random-label ratio",
 }
-# The run's identity fields ``report`` can group by.
-RUN_LABELS = ("model", "dataset", "seed", "train_size", "epochs", "optimizer")
 
 
 def measure_keys() -> tuple[str, ...]:

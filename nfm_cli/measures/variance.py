@@ -94,6 +94,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nfm_cli.choices import SOLVER_MAX_ITER, SOLVER_TOL
+
 __all__ = [
     "LayerSolution",
     "solve_layer",
@@ -465,8 +467,8 @@ def solve_layer(
     w2: torch.Tensor,
     h: torch.Tensor,
     *,
-    tol: float = 1e-10,
-    max_iter: int = 10_000,
+    tol: float = SOLVER_TOL,
+    max_iter: int = SOLVER_MAX_ITER,
     num_threads: int | None = 1,
 ) -> LayerSolution:
     """Solve (17) with lambda = 1/2 for one weight matrix; see the module docstring.

@@ -24,13 +24,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from nfm_cli.choices import REPORT_GROUP_BY as DEFAULT_GROUP_BY
+from nfm_cli.data.registry import DATASET_SPECS
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.registry import DIAGNOSTICS as DIAGNOSTIC_KEYS
-from nfm_cli.measures.registry import RUN_LABELS, RUN_METRICS, measure_keys, summary_keys
+from nfm_cli.measures.registry import RUN_METRICS, measure_keys, summary_keys
 from nfm_cli.report.protocol import make_grid, protocol_scores, varying_axes
 from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.store.artifacts import atomic_write, read_metadata
 from nfm_cli.store.inflight import in_flight_reason
+from nfm_cli.store.train_config import AXIS_FIELDS, LABEL_FIELDS
 
 DEFAULT_MEASURES = summary_keys()     # the measures correlated by default
 
@@ -38,7 +40,7 @@ DEFAULT_MEASURES = summary_keys()     # the measures correlated by default
 MEASURES = measure_keys()                    # flatness / norm measures, in table and CSV column order
 DIAGNOSTICS = tuple(DIAGNOSTIC_KEYS)           # other top-level numbers of a result, not measures
 METRIC_NUMBERS = tuple(RUN_METRICS)
-METRIC_LABELS = RUN_LABELS
+METRIC_LABELS = LABEL_FIELDS                 # the run config fields kept as labels (store.train_config)
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
 
 EXACT_P_MAX_N = 8  # up to this many runs, p-values are exact permutation p-values (8! orderings)
@@ -347,9 +349,8 @@ def write_csv(runs: Sequence[dict], path: str | os.PathLike) -> Path:
 
 # ``--protocol``: the training-config fields that can be hyperparameter axes (those that vary within a
 # group are), and the test split sizes that the Hoeffding weights need when --test-size was not given.
-PROTOCOL_AXES = ("model", "dataset", "width", "depth", "random_ratio", "train_size", "epochs", "batch_size", "lr",
-                 "optimizer", "momentum", "weight_decay", "stop_at_loss")
-TEST_SPLIT_SIZES = {"mnist": 10_000, "fashion-mnist": 10_000, "cifar10": 10_000, "synthetic": 512}
+PROTOCOL_AXES = AXIS_FIELDS
+TEST_SPLIT_SIZES = {name: spec.test_size for name, spec in DATASET_SPECS.items()}
 
 
 def _test_samples(run: dict) -> float:

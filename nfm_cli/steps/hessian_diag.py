@@ -52,7 +52,7 @@ from nfm_cli.errors import NfmError
 from nfm_cli.runtime import distributed, interrupt
 from nfm_cli.runtime.devices import resolve_device
 from nfm_cli.runtime.progress import ProgressFn, report
-from nfm_cli.store.artifacts import Artifact, read_artifact, write_artifact
+from nfm_cli.store.artifacts import COMPLETE, Artifact, has_completion_flag, is_complete, read_artifact, write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
 
 KIND = "hessian-diag"
@@ -124,7 +124,7 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
               "batch_size": batch_size}
 
     previous = None if force or not out.exists() else _previous_run(out, config, ck.sha256)
-    if previous is not None and previous.meta["progress"].get("done"):
+    if previous is not None and is_complete(previous.meta["progress"]):
         done = _as_hessian_diagonal(previous)
         done.status = "already complete"
         return done
@@ -394,7 +394,7 @@ def _load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir) -> Ch
 
 
 def _progress(est: Estimator, units_done: int, done: bool) -> dict[str, Any]:
-    info = {"done": done, "units_done": units_done, "units_total": est.units_total, "batches": est.batches,
+    info = {COMPLETE: done, "units_done": units_done, "units_total": est.units_total, "batches": est.batches,
             "batch_size": est.batch_size, "samples": est.n}
     if est.name == "exact":
         info["samples_done"] = min(est.n, units_done * est.batch_size)
@@ -423,7 +423,7 @@ def _partial_batch_size(out: Path, force: bool) -> int | None:
         progress = read_artifact(out, KIND).meta.get("progress")
     except NfmError:
         return None                 # _previous_run names the problem
-    size = progress.get("batch_size") if isinstance(progress, dict) and not progress.get("done") else None
+    size = progress.get("batch_size") if isinstance(progress, dict) and not is_complete(progress) else None
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
 
@@ -445,9 +445,9 @@ def _previous_run(out: Path, config: dict[str, Any], checkpoint_sha: str) -> Art
         what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff)
         raise NfmError(f"exists with another config ({what}); {hint}", out)
     progress = art.meta.get("progress")
-    if not isinstance(progress, dict) or "done" not in progress:
+    if not has_completion_flag(progress):
         raise NfmError(f"has no valid nfm.progress entry; {hint}", out)
-    if not progress["done"] and progress.get("batch_size") != config["batch_size"]:
+    if not is_complete(progress) and progress.get("batch_size") != config["batch_size"]:
         raise NfmError(f"is a partial run with --batch-size {progress.get('batch_size')}; rerun with that batch "
                        f"size to continue it (now {config['batch_size']}), or {hint}", out)
     return art
@@ -470,7 +470,7 @@ def _restore(art: Artifact, est: Estimator, state: dict[str, torch.Tensor], out:
 
 def _as_hessian_diagonal(art: Artifact) -> HessianDiagonal:
     progress = art.meta.get("progress") or {}
-    if not progress.get("done"):
+    if not is_complete(progress):
         raise NfmError(f"is an unfinished hessian-diag run ({progress.get('units_done', '?')} of "
                        f"{progress.get('units_total', '?')} units); rerun the same nfm hessian-diag command "
                        "to finish it", art.path)

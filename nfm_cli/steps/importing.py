@@ -24,7 +24,7 @@ from nfm_cli.runtime.devices import resolve_device
 from nfm_cli.runtime.files import file_sha256, read_safetensors
 from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.steps.train import _evaluate
-from nfm_cli.store.artifacts import read_artifact, write_artifact
+from nfm_cli.store.artifacts import COMPLETE, read_artifact, write_artifact
 from nfm_cli.store.checkpoint import tensor_hash
 from nfm_cli.store.model_source import build_model, code_record, parse_model_args
 from nfm_cli.store.weights import match_state_dict, read_state_dict
@@ -170,7 +170,7 @@ def _write(out, config: ImportConfig, spec: DataSpec, args, code, num_classes, m
                   "random_ratio": metrics["random_ratio"], "source": "import"}
     meta = {"config": run_config,
             "model": {"name": config.model, "args": args, "num_classes": num_classes, "code": code},
-            "progress": {"complete": True, "imported": True},
+            "progress": {COMPLETE: True, "imported": True},
             "metrics": metrics, "history": [], "wall_time": 0.0,
             "data": {"inputs_sha256": inputs_hash, "samples": len(labels)},
             "source": source, "version": __version__}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nfm_cli.choices import DEFAULT_PROBES, FD_SCALE, PRECISIONS
+from nfm_cli.choices import DEFAULT_PROBES, FD_SCALE, PRECISIONS, SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.compute import check_solver_options
@@ -71,7 +71,7 @@ def intermediate_paths(out: Path, precision: str = "float32") -> dict[str, Path]
 def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
                        estimator: str = "exact", samples: int | None = None, probes: int = DEFAULT_PROBES,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
-                       precision: str = "float32", keep_intermediate: bool = True, tol: float = 1e-10, max_iter: int = 10_000,
+                       precision: str = "float32", keep_intermediate: bool = True, tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER,
                        force: bool = False, rivals: bool = False, finite_diff_scale: float = FD_SCALE,
                        data_dir: str | os.PathLike | None = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
                        progress: ProgressFn = None) -> MeasureResult:

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nfm_cli.choices import SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.compute import check_solver_options, compute_measures
 from nfm_cli.measures.registry import RUN_METRICS
 from nfm_cli.runtime.progress import ProgressFn
 from nfm_cli.steps.hessian_diag import HessianDiagonal, read_hessian_diagonal
-from nfm_cli.store.artifacts import write_artifact
+from nfm_cli.store.artifacts import COMPLETE, write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
+from nfm_cli.store.train_config import RESULT_FIELDS
 
-RESULT_CONFIG = ("model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth", "lr", "batch_size",
-                 "optimizer", "momentum", "weight_decay", "stop_at_loss")
+RESULT_CONFIG = RESULT_FIELDS   # the run's config fields copied into measures files (store.train_config)
 
 
 @dataclass
@@ -46,7 +47,7 @@ def checkpoint_metrics(ck: Checkpoint) -> dict[str, Any]:
 def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.PathLike | HessianDiagonal,
                    out: str | os.PathLike, *,
                    trace_hdiag: str | os.PathLike | HessianDiagonal | None = None, fisher_rao: float | None = None,
-                   tol: float = 1e-10, max_iter: int = 10_000, progress: ProgressFn = None,
+                   tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER, progress: ProgressFn = None,
                    extra_config: dict[str, Any] | None = None,
                    extra_result: dict[str, Any] | None = None) -> MeasureResult:
     """Solve (17) for every weight matrix of ``checkpoint`` with the diagonal in ``hdiag``.
@@ -76,7 +77,7 @@ def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.P
               "trace_loss": result["trace_loss"], "estimator": h_art.config.get("estimator")}
     config.update(extra_config or {})
     meta = {"config": config, "parents": parents, "result": result, "checkpoint_path": str(ck.path),
-            "progress": {"complete": True}, "wall_time": time.perf_counter() - start}
+            "progress": {COMPLETE: True}, "wall_time": time.perf_counter() - start}
     write_artifact(out, measures.sigmas, "measures", meta)
     return MeasureResult(Path(out), "written", result, [])
 

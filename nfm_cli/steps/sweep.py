@@ -29,13 +29,11 @@ from nfm_cli.errors import NfmError
 from nfm_cli.runtime import interrupt
 from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.steps.train import TrainConfig
+from nfm_cli.store.train_config import GRID_FIELDS, OPTIONAL_FIELDS, fields_of_type
 
-INT_FIELDS = ("width", "depth", "epochs", "batch_size", "train_size", "test_size", "warmup_epochs")
-FLOAT_FIELDS = ("random_ratio", "lr", "momentum", "weight_decay", "stop_at_loss")
-STR_FIELDS = ("model", "dataset", "optimizer", "data_dir")
-OPTIONAL = ("width", "depth", "train_size", "test_size", "stop_at_loss", "data_dir")
-GRID_FIELDS = ("model", "dataset", "width", "depth", "random_ratio", "epochs", "batch_size", "lr", "optimizer",
-               "momentum", "weight_decay", "stop_at_loss", "train_size", "test_size", "data_dir", "warmup_epochs")
+# the value types of the train config's fields (``store.train_config``)
+INT_FIELDS, FLOAT_FIELDS, STR_FIELDS = fields_of_type(int), fields_of_type(float), fields_of_type(str)
+OPTIONAL = OPTIONAL_FIELDS
 
 
 @dataclass

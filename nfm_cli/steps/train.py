@@ -33,8 +33,9 @@ from nfm_cli.runtime import interrupt
 from nfm_cli.runtime.devices import resolve_device
 from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.runtime.rng import derive_seed, keyed_generator
-from nfm_cli.store.artifacts import read_artifact, write_artifact
+from nfm_cli.store.artifacts import COMPLETE, read_artifact, write_artifact
 from nfm_cli.store.checkpoint import model_from_spec, tensor_hash
+from nfm_cli.store.train_config import NON_IDENTITY, TrainFields
 
 EVAL_BATCH = 1024
 SAVE_EVERY_SECONDS = TRAIN_SAVE_EVERY_SECONDS
@@ -51,29 +52,13 @@ _SIZE_ARGS = {"mlp": {"width": "width", "depth": "depth"},
 
 
 @dataclass
-class TrainConfig:
-    """Everything that determines the trained weights (``data_dir`` only says where the data is)."""
-
-    model: str = "mlp"
-    dataset: str = "fashion-mnist"
-    width: int | None = None
-    depth: int | None = None
-    random_ratio: float = 0.0
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    stop_at_loss: float | None = None
-    seed: int = 0
-    train_size: int | None = None
-    test_size: int | None = None
-    data_dir: str | None = None
-    warmup_epochs: int = 0
+class TrainConfig(TrainFields):
+    """Everything that determines the trained weights (``data_dir`` only says where the data is): the
+    fields of ``store.train_config.TrainFields`` (declared there, torch-free), checked and turned into a
+    model spec and an optimizer here."""
 
     # fields that may differ between a run and its resumption
-    NON_IDENTITY = ("data_dir", "epochs")
+    NON_IDENTITY = NON_IDENTITY
 
     def validate(self) -> None:
         if self.model not in nfm_models.names():
@@ -461,7 +446,7 @@ def _save(out: Path, config: TrainConfig, spec, run: _Run, data: _Data) -> None:
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     complete = run.batch == 0 and (run.epoch >= config.epochs or config.reached_stop_loss(run.metrics))
-    progress = {"epochs_done": run.epoch, "epochs": config.epochs, "complete": complete}
+    progress = {"epochs_done": run.epoch, "epochs": config.epochs, COMPLETE: complete}
     if run.batch:  # saved inside an epoch: the position in it and the epoch's loss sum so far
         progress["batches_done"] = run.batch
         tensors[RUNNING_LOSS] = run.running

@@ -4,7 +4,9 @@ Metadata (safetensors' string -> string map):
 
 - ``nfm.format``: integer version of this contract (``FORMAT``),
 - ``nfm.kind``: ``checkpoint`` | ``hessian-diag`` | ``measures``,
-- every other ``nfm.<key>``: a JSON value (config, progress, metrics, parents, result, ...).
+- every other ``nfm.<key>``: a JSON value (config, progress, metrics, parents, result, ...);
+  ``nfm.progress.complete`` (``COMPLETE``) says a file is finished, for every kind (hessian-diag
+  files written before it say ``done``: ``is_complete`` reads both).
 
 The content hash of an artifact is the SHA-256 of its bytes; derived artifacts record their
 parents' hashes under ``nfm.parents`` so a step can refuse mismatched inputs.
@@ -37,6 +39,20 @@ _META_TYPES = {"config": dict, "model": dict, "progress": dict, "metrics": dict,
                "result": dict, "optimizer": dict, "data": dict, "source": dict, "history": list,
                "wall_time": (int, float), "version": str, "checkpoint_path": str}
 _TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string"}
+COMPLETE = "complete"          # the nfm.progress flag of a finished artifact
+_OLD_COMPLETE = "done"         # the same flag in hessian-diag files of earlier versions
+
+
+def has_completion_flag(progress: Any) -> bool:
+    """Whether ``progress`` (an artifact's ``nfm.progress``) says finished or not, under either name."""
+    return isinstance(progress, dict) and (COMPLETE in progress or _OLD_COMPLETE in progress)
+
+
+def is_complete(progress: Any) -> bool:
+    """Whether ``progress`` says the artifact is finished: ``complete``, or ``done`` in older files."""
+    if not isinstance(progress, dict):
+        return False
+    return bool(progress[COMPLETE] if COMPLETE in progress else progress.get(_OLD_COMPLETE))
 
 
 @dataclass

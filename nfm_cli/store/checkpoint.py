@@ -21,7 +21,7 @@ from torch import nn
 from nfm_cli.data.datasets import Split, check_data_dir, subset_indices
 from nfm_cli.data.specs import DataSpec, load_spec_split
 from nfm_cli.errors import NfmError
-from nfm_cli.store.artifacts import Artifact, read_artifact
+from nfm_cli.store.artifacts import Artifact, is_complete, read_artifact
 from nfm_cli.store.model_source import build_model
 
 
@@ -49,7 +49,7 @@ class Checkpoint:
 
     @property
     def complete(self) -> bool:
-        return bool(self.progress.get("complete"))
+        return is_complete(self.progress)
 
     @property
     def num_classes(self) -> int:

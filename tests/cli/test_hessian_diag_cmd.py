@@ -47,7 +47,7 @@ def test_exact_artifact_layout(tiny_checkpoint, tmp_path):
     assert art.meta["parents"] == {"checkpoint": ck.sha256}
     assert art.meta["config"] == {"loss": "ce", "estimator": "exact", "samples": 128, "probes": None,
                                   "seed": None, "finite_diff": None, "batch_size": 48}
-    assert art.meta["progress"]["done"] is True and art.meta["progress"]["units_done"] == 3
+    assert art.meta["progress"]["complete"] is True and art.meta["progress"]["units_done"] == 3
     assert art.meta["wall_time"] > 0 and art.meta["source"]["checkpoint"] == str(tiny_checkpoint)
     assert art.meta["metrics"]["parameters"] == sum(p.numel() for p in params.values())
     # the numbers: the in-memory exact diagonal over the training set as trained
@@ -71,7 +71,7 @@ def test_interrupted_and_resumed_is_bit_identical(tiny_checkpoint, tmp_path, est
         compute_hessian_diagonal(tiny_checkpoint, part, progress=interrupt_after(units),
                                  save_every_seconds=1e9, **options)
     partial = read_artifact(part, "hessian-diag")
-    assert partial.meta["progress"]["done"] is False and partial.meta["progress"]["units_done"] == units
+    assert partial.meta["progress"]["complete"] is False and partial.meta["progress"]["units_done"] == units
     assert all(name.startswith("state.") for name in partial.tensors)
     with pytest.raises(NfmError, match="unfinished"):
         read_hessian_diagonal(part, tiny_checkpoint)

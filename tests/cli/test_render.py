@@ -12,7 +12,6 @@ import torch
 from scipy import stats
 
 from nfm_cli.report.correlations import correlations, exact_p_values, load_runs, write_csv
-from nfm_cli.steps.train import accuracy_gap
 from tests.conftest import make_result, sweep, write_measures
 
 
@@ -32,12 +31,6 @@ def test_resumed_training_counts_only_the_new_epochs(cli, tmp_path):
     again = cli(*common, "--epochs", "3")
     assert again.code == 0, again.err
     assert "resumed after 2 epochs" in again.err and "trained epochs 3-3 in" in again.err and "(3 in all)" in again.err
-
-
-def test_gap_is_rounded_once():
-    assert accuracy_gap(1000, 1000, 774, 1000) == 0.226        # 1.0 - 0.774 is 0.22599999999999998
-    assert 1.0 - 0.774 != 0.226
-    assert accuracy_gap(1, 3, 1, 2) == -1 / 6
 
 
 def test_csv_writes_integers_as_integers(tmp_path):
@@ -92,14 +85,36 @@ def test_per_layer_trace_column_names_its_loss(cli, tmp_path, tiny_checkpoint):
     assert "trace (ce loss)" in res.err
 
 
-def test_plots_with_real_and_log_x(cli, tmp_path):
-    from matplotlib.image import imread
+def test_plot_flags_draw_the_runs_values(cli, tmp_path, monkeypatch):
+    """``nfm report --plot`` with each x-axis flag: every figure it saves is read back through its
+    matplotlib objects (the scatter's points, the x scale), against the runs' own numbers."""
+    import nfm_cli.report.plots as plots
+    saved = {}
+    real_save = plots._save
+
+    def save(fig, path):
+        saved[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
     files = sweep(tmp_path, n=5)
-    for flag in ("--real-x", "--log-x"):
+    runs, _ = load_runs(files)
+    sharpness = np.array([r["normalized_sharpness"] for r in runs])
+    trace = np.array([r["hessian_trace"] for r in runs])
+    gaps = np.array([r["gap"] for r in runs])
+    for flag, scale in (("--real-x", "linear"), ("--log-x", "log")):   # the rescaled default: below
+        saved.clear()
         out = tmp_path / flag.strip("-")
         res = cli("report", *files, "--plot", out, "--x", "normalized_sharpness", flag)
         assert res.code == 0, res.err
-        assert imread(out / "normalized_sharpness.png").std() > 0
+        assert set(saved) == {"normalized_sharpness.png", "figure1.png"} and (out / "figure1.png").is_file()
+        (ax, _colorbar) = saved["normalized_sharpness.png"].axes
+        left, right, _colorbar = saved["figure1.png"].axes        # Figure 1: trace | normalized sharpness
+        for axis, values in ((ax, sharpness), (left, trace), (right, sharpness)):
+            points = axis.collections[0].get_offsets()
+            np.testing.assert_allclose(points[:, 0], values, rtol=1e-12)
+            np.testing.assert_array_equal(points[:, 1], gaps)
+            assert axis.get_xscale() == scale and axis.get_ylabel().startswith("generalization gap")
 
 
 def test_real_and_log_axes_show_the_values(tmp_path):

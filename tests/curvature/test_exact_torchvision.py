@@ -74,9 +74,27 @@ def test_exact_matches_the_double_backward_oracle(case, loss):
         assert torch.allclose(got, entries, rtol=1e-6, atol=1e-12 * scale), (name, param, got, entries)
 
 
-@pytest.mark.parametrize("name", ["resnet34", "resnet50"])
-def test_deeper_resnets_are_accepted(name):
-    check_exact_supported(get_model(name).eval())
+@pytest.mark.parametrize("name", [pytest.param("resnet34", marks=pytest.mark.slow), "resnet50"])
+def test_deeper_resnets_match_the_oracle(name):
+    """resnet50's bottleneck blocks (1x1-3x3-1x1 convs, a projection shortcut per stage) and resnet34's
+    depth: accepted, and their exact diagonal is the oracle's at the first and last tensors, the first
+    shortcut, the last block's last conv and two seeded tensors (one sample, to stay quick)."""
+    model = build(name)
+    check_exact_supported(model)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.tensor([4])
+    names = [n for n, _ in model.named_parameters()]
+    last_conv = [n for n in names if n.startswith("layer4.") and n.endswith("conv3.weight" if name == "resnet50"
+                                                                         else "conv2.weight")][-1]
+    only = {names[0], names[-1], next(n for n in names if "downsample" in n), last_conv,
+            *random.Random(name).sample(names, 2)}
+    exact = exact_diagonal(model, x, y, "normalized-ce")
+    picks = spot_diagonal(model, x, y, "normalized-ce", per_tensor=1, seed=zlib.crc32(name.encode()), only=only)
+    assert set(picks) == only
+    scale = max(float(entries.abs().max()) for _, entries in picks.values())
+    for param, (idx, entries) in picks.items():
+        got = exact[param].reshape(-1)[idx]
+        assert torch.allclose(got, entries, rtol=1e-6, atol=1e-12 * scale), (name, param, got, entries)
 
 
 def test_a_torchvision_model_in_training_mode_is_refused_by_path():

@@ -59,7 +59,7 @@ def _units_saved(out: Path) -> int:
         progress = read_artifact(out).meta["progress"]
     except Exception:
         return 0
-    return 0 if progress.get("done") else int(progress.get("units_done", 0))
+    return 0 if progress.get("complete") else int(progress.get("units_done", 0))
 
 
 def kill_after_a_save(args, out: Path, procs: int) -> int:
@@ -132,7 +132,7 @@ def test_sharded_exact_diagonal_equals_single_process(single_and_dist):
     a, b = read_hessian_diagonal(single), read_hessian_diagonal(sharded)
     _assert_close(a.diagonal, b.diagonal, 1e-6)
     assert math.isclose(a.metrics["trace_total"], b.metrics["trace_total"], rel_tol=1e-6, abs_tol=1e-12)
-    assert b.artifact.meta["progress"]["done"] and b.artifact.meta["progress"]["units_done"] == 8
+    assert b.artifact.meta["progress"]["complete"] and b.artifact.meta["progress"]["units_done"] == 8
     assert run.stdout.strip() == str(sharded)          # rank 0 alone prints the path
     assert run.stderr.count("computed exact") == 1     # ... and the summary
     assert not _marked_processes()
@@ -152,12 +152,12 @@ def test_killed_and_resumed_sharded_run_equals_uninterrupted(ckpt, tmp_path):
     assert nfm("hessian-diag", ckpt, "--out", reference, *KILLED_RUN).returncode == 0
     args = ("hessian-diag", ckpt, "--out", out, "--save-every", "0", *KILLED_RUN)
     saved = kill_after_a_save(args, out, procs=2)
-    assert read_artifact(out).meta["progress"]["done"] is False
+    assert read_artifact(out).meta["progress"]["complete"] is False
     assert UNITS_PER_ROUND <= saved < UNITS_TOTAL and saved % UNITS_PER_ROUND == 0
     # the same process count continues it (another count works too: see the next test)
     resumed = nfm(*args, procs=2)
     assert resumed.returncode == 0, resumed.stderr
-    assert read_artifact(out).meta["progress"]["done"] is True
+    assert read_artifact(out).meta["progress"]["complete"] is True
     a, b = read_hessian_diagonal(reference), read_hessian_diagonal(out)
     _assert_close(a.diagonal, b.diagonal, 1e-12)
     _assert_close(a.stderr, b.stderr, 1e-10)

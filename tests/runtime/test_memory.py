@@ -112,7 +112,7 @@ def test_a_partial_run_keeps_its_batch_size_when_memory_changes(tiny_checkpoint,
         compute_hessian_diagonal(tiny_checkpoint, out, device="cpu", progress=stop_after_two)
     progress = read_artifact(out).meta["progress"]
     small = progress["batch_size"]
-    assert not progress["done"] and 1 <= small < 128 and progress["units_done"] * small >= 64
+    assert not progress["complete"] and 1 <= small < 128 and progress["units_done"] * small >= 64
     monkeypatch.delenv(memory.LIMIT_ENV)
     resumed = compute_hessian_diagonal(tiny_checkpoint, out, device="cpu")
     assert resumed.status == "resumed" and resumed.config["batch_size"] == small

@@ -103,7 +103,7 @@ def test_sigterm_saves_and_the_rerun_continues_bit_identically(tiny_checkpoint, 
     assert f"4 of {UNITS[estimator]} units of {out} are saved" in lines[0]
     assert seen[-1] == (pause, 3)                        # it stopped at once: no unit reported after the signal
     progress = read_artifact(out).meta["progress"]
-    assert progress == dict(progress, done=False, units_done=4, units_total=UNITS[estimator])
+    assert progress == dict(progress, complete=False, units_done=4, units_total=UNITS[estimator])
     again = rerun(argv)
     assert again[0][1] == 4                              # the rerun starts from the saved counter ...
     assert [u for _, u in again] == list(range(4, UNITS[estimator] + 1))   # ... and runs only the rest
@@ -124,7 +124,7 @@ def test_sigint_during_measure_saves_and_the_rerun_finishes(tiny_checkpoint, tmp
     assert len(lines) == 1 and "interrupted by SIGINT" in lines[0] and f"3 of 8 units of {ce} are saved" in lines[0]
     assert seen[-1] == (pause, 2) and not out.exists()
     assert read_artifact(ce).meta["progress"]["units_done"] == 3
-    assert read_artifact(tmp_path / "run.measures.hdiag-normalized-ce.safetensors").meta["progress"]["done"]
+    assert read_artifact(tmp_path / "run.measures.hdiag-normalized-ce.safetensors").meta["progress"]["complete"]
     again = rerun(argv)
     assert [u for _, u in again] == list(range(3, 9))   # normalized-ce is complete: only ce's last 5 units
     got_t, got_m = read_safetensors(out)

@@ -1,9 +1,13 @@
-"""nfm_cli.steps.train: exact resume, checkpoint contents, refusal of mismatched outputs."""
+"""nfm_cli.steps.train: exact resume, checkpoint contents, refusal of mismatched outputs, the gap."""
+import decimal
+import random
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from nfm_cli import NfmError, load_checkpoint, train
+from nfm_cli.steps.train import accuracy_gap
 from nfm_cli.store.artifacts import read_artifact, write_artifact
 from tests.conftest import sha256_of, tiny_config
 
@@ -136,3 +140,22 @@ def test_changed_dataset_files_are_detected(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(data_spec_module, "load_split", altered)
     with pytest.raises(NfmError, match="differ from those it was trained on"):
         load_checkpoint(tiny_checkpoint).training_tensors()
+
+
+def _gap_reference(train_correct: int, n_train: int, test_correct: int, n_test: int) -> float:
+    """The gap to 60 significant digits in decimal arithmetic, then rounded once to a double."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        exact = decimal.Decimal(train_correct) / n_train - decimal.Decimal(test_correct) / n_test
+        return float(exact)
+
+
+def test_accuracy_gap_is_the_exact_difference_rounded_once():
+    """``accuracy_gap`` against decimal arithmetic, on the case a float subtraction gets wrong
+    (1.0 - 0.774 = 0.22599999999999998) and on seeded random counts, negative gaps included."""
+    assert accuracy_gap(1000, 1000, 774, 1000) == _gap_reference(1000, 1000, 774, 1000) == 0.226
+    rng = random.Random(0)
+    for _ in range(2000):
+        n_train, n_test = rng.randint(1, 60_000), rng.randint(1, 10_000)
+        counts = (rng.randint(0, n_train), n_train, rng.randint(0, n_test), n_test)
+        assert accuracy_gap(*counts) == _gap_reference(*counts), counts
