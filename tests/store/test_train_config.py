@@ -70,7 +70,7 @@ def test_train_command_defaults_and_options_reach_the_config(cli, monkeypatch, t
     assert _captured_config(cli, monkeypatch, tmp_path) == TrainConfig()
     values = dict(model="lenet", dataset="cifar10", seed=7, width=3, depth=2, random_ratio=0.25, train_size=11,
                   epochs=5, batch_size=9, lr=0.5, optimizer="sgd", momentum=0.75, weight_decay=0.125,
-                  stop_at_loss=0.0625, test_size=13, data_dir=str(tmp_path))
+                  stop_at_loss=0.0625, test_size=13, data_dir=str(tmp_path), warmup_epochs=3)
     assert set(values) == set(TRAIN_FIELDS)
     args = [a for name, value in values.items() for a in (f"--{name.replace('_', '-')}", str(value))]
     assert _captured_config(cli, monkeypatch, tmp_path, *args) == TrainConfig(**values)
@@ -117,7 +117,9 @@ def test_derived_lists_keep_the_orders_of_before():
     lists were written out by hand before the fields were declared once)."""
     assert LABEL_FIELDS == ("model", "dataset", "seed", "train_size", "epochs", "optimizer")
     assert AXIS_FIELDS == ("model", "dataset", "width", "depth", "random_ratio", "train_size", "epochs",
-                           "batch_size", "lr", "optimizer", "momentum", "weight_decay", "stop_at_loss")
+                           "batch_size", "lr", "optimizer", "momentum", "weight_decay", "stop_at_loss",
+                           "warmup_epochs")   # warmup_epochs: new with vit-tiny (issue 21)
     assert set(RESULT_FIELDS) == {"model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth",
-                                  "lr", "batch_size", "optimizer", "momentum", "weight_decay", "stop_at_loss"}
+                                  "lr", "batch_size", "optimizer", "momentum", "weight_decay", "stop_at_loss",
+                                  "warmup_epochs"}
     assert csv_columns([])[-len(LABEL_FIELDS) - 1:] == [*LABEL_FIELDS, "path"]
