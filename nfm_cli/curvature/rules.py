@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nfm_cli.curvature.conv_routes import POSITION_PAIR, ConvShape, PositionPairSums, choose_route
+
 # Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory.
 CHUNK_ELEMENTS = 1 << 24
 # Elements of unfolded conv inputs kept per batch across the K-1 directions (2^27 float32 = 512 MiB);
@@ -53,10 +55,12 @@ def _signed_square_sum(per_sample: torch.Tensor, sign: torch.Tensor) -> torch.Te
 
 
 class CacheBudget:
-    """Elements that rules may keep across the K-1 directions of one batch (e.g. unfolded conv inputs)."""
+    """Elements that rules may keep across the K-1 directions of one batch (e.g. unfolded conv inputs),
+    and how many directions there are (None: unknown, taken as 9, CIFAR-10's K-1)."""
 
-    def __init__(self, elements: int):
+    def __init__(self, elements: int, directions: int | None = None):
         self.left = elements
+        self.directions = directions
 
     def take(self, elements: int) -> bool:
         if elements > self.left:
@@ -109,11 +113,15 @@ class LinearRule(LayerRule):
 
 
 class ConvRule(LayerRule):
-    """nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups, padding mode)."""
+    """nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups, padding mode), by the cheaper of the
+    per-sample and position-pair routes (``conv_routes.py``), chosen per layer at the first direction."""
+
+    forced_route: str | None = None         # tests and benchmarks: one route for every layer
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, layer_input: torch.Tensor, budget: CacheBudget):
         self.budget = budget
         self.cached = None
+        self.route, self.pairs = None, None
         if isinstance(module, nn.Conv1d):                   # treat as a 2-D conv of height 1
             layer_input = layer_input.unsqueeze(-2)
         padding = module.padding
@@ -145,6 +153,11 @@ class ConvRule(LayerRule):
         b = grad.shape[0]
         g = grad.reshape(b, self.groups, self.module.out_channels // self.groups, -1)   # [B, G, o, L]
         kernel = self.weight_diag.shape[-1]                 # (in / groups) * kernel positions
+        if self.route is None:
+            self._choose_route(g, kernel)
+        if self.pairs is not None:
+            self.pairs.add(g, sign)
+            return
         cols_elements = self.groups * kernel * g.shape[-1]
         if self.cached is None and self.budget.take(b * cols_elements):
             self.cached = self._columns(slice(0, b))    # unfold once per batch, reuse for all K-1 directions
@@ -158,7 +171,19 @@ class ConvRule(LayerRule):
             if self.bias_diag is not None:
                 self.bias_diag += _signed_square_sum(g[part].sum(-1).flatten(1), sign[part])
 
+    def _choose_route(self, g: torch.Tensor, kernel: int) -> None:
+        b, groups, out_per_group, positions = g.shape
+        shape = ConvShape(b, positions, groups, out_per_group, kernel, self.budget.directions or 9)
+        self.route = self.forced_route or choose_route(shape, self.budget.left)
+        if self.route == POSITION_PAIR and self.budget.take(shape.position_pair_elements()):
+            self.pairs = PositionPairSums(b, groups, out_per_group, positions, g.dtype, g.device)
+
     def result(self):
+        if self.pairs is not None:
+            self.weight_diag = self.pairs.weight(self._columns, self.weight_diag.shape[-1], CHUNK_ELEMENTS)
+            if self.bias_diag is not None:
+                self.bias_diag = self.pairs.bias()
+            self.pairs = None
         out = {"weight": self.weight_diag.reshape(self.module.weight.shape)}
         if self.bias_diag is not None:
             out["bias"] = self.bias_diag
