@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfm_cli.curvature.conv_routes import POSITION_PAIR, ConvShape, PositionPairSums, choose_route
+from nfm_cli.curvature.conv_routes import (
+    PER_SAMPLE_CHUNK_ELEMENTS,
+    POSITION_PAIR,
+    ConvShape,
+    PositionPairSums,
+    choose_route,
+)
 
 # Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory.
 CHUNK_ELEMENTS = 1 << 24
@@ -69,8 +75,8 @@ class CacheBudget:
         return True
 
 
-def _chunks(n: int, per_sample_elements: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, per_sample_elements))
+def _chunks(n: int, per_sample_elements: int, chunk_elements: int | None = None) -> Iterator[slice]:
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, per_sample_elements))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -164,10 +170,10 @@ class ConvRule(LayerRule):
         per_sample_elements = self.module.out_channels * kernel + g[0].numel()
         if self.cached is None:
             per_sample_elements += cols_elements
-        for part in _chunks(b, per_sample_elements):
+        for part in _chunks(b, per_sample_elements, min(CHUNK_ELEMENTS, PER_SAMPLE_CHUNK_ELEMENTS)):
             cols = self.cached[part] if self.cached is not None else self._columns(part)
             per_sample = torch.einsum("cgol,cgil->cgoi", g[part], cols)
-            self.weight_diag += _signed_square_sum(per_sample, sign[part])
+            self.weight_diag += torch.tensordot(sign[part], per_sample.square_(), dims=([0], [0]))
             if self.bias_diag is not None:
                 self.bias_diag += _signed_square_sum(g[part].sum(-1).flatten(1), sign[part])
 
