@@ -37,6 +37,8 @@ MEMORY_WEIGHT = 30.0
 # Per-sample gradients squared in chunks this small stay in the CPU's cache between the matrix product
 # and the squares: 2-3x faster than 64 MiB chunks on the benchmark machine (WRN-16-4 and resnet18 layers).
 PER_SAMPLE_CHUNK_ELEMENTS = 1 << 18
+# ... so those passes cost far less per element than passes through main memory.
+CACHED_WEIGHT = 5.0
 # Batched matrix products with a short inner dimension run far below the rate of a large one.
 SHORT_INNER_PENALTY = 8.0
 
@@ -61,7 +63,7 @@ class ConvShape:
         b, l, o, i, k = self.batch, self.positions, self.out_channels, self.kernel, self.directions
         inner_penalty = SHORT_INNER_PENALTY if l < 16 else 1.0
         matmul = 2.0 * b * o * i * l * inner_penalty
-        squares = 4.0 * b * o * i * MEMORY_WEIGHT             # write P, square, read for the signed sum
+        squares = 4.0 * b * o * i * CACHED_WEIGHT             # write P, square, read for the signed sum
         unfold = b * self.groups * i * l * MEMORY_WEIGHT / k  # once per batch (cached)
         return k * (matmul + squares + unfold)
 
