@@ -27,9 +27,14 @@ from nfm_cli.curvature.conv_routes import (
     PositionPairSums,
     choose_route,
 )
+from nfm_cli.runtime.memory import available_bytes
 
-# Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory.
+# Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory. The
+# caps below; ``CacheBudget`` lowers both to a share of the memory still available (runtime.memory).
 CHUNK_ELEMENTS = 1 << 24
+CHUNK_FLOOR = 1 << 18
+CHUNK_SHARE = 1 / 16
+CACHE_SHARE = 1 / 4
 # Elements of unfolded conv inputs kept per batch across the K-1 directions (2^27 float32 = 512 MiB);
 # a layer that does not fit unfolds its input again for every direction (slower; equal up to rounding).
 CACHE_ELEMENTS = 1 << 27
@@ -62,11 +67,22 @@ def _signed_square_sum(per_sample: torch.Tensor, sign: torch.Tensor) -> torch.Te
 
 class CacheBudget:
     """Elements that rules may keep across the K-1 directions of one batch (e.g. unfolded conv inputs),
-    and how many directions there are (None: unknown, taken as 9, CIFAR-10's K-1)."""
+    elements a rule may process at once (``chunk``), and how many directions there are (None:
+    unknown, taken as 9, CIFAR-10's K-1).
 
-    def __init__(self, elements: int, directions: int | None = None):
-        self.left = elements
+    With a ``device``, both element counts are capped by a share of the memory still available there
+    (``runtime.memory.available_bytes``: cgroup limit, MemAvailable, free GPU memory, NFM_MEMORY_LIMIT):
+    ``CACHE_SHARE`` for the kept elements, ``CHUNK_SHARE`` (at least ``CHUNK_FLOOR``) for a chunk.
+    Results do not depend on either (equal up to rounding), only speed and peak memory do."""
+
+    def __init__(self, elements: int, directions: int | None = None, device: torch.device | None = None,
+                 element_size: int = 4):
+        self.left, self.chunk = elements, CHUNK_ELEMENTS
         self.directions = directions
+        available = available_bytes(device) if device is not None else None
+        if available is not None:
+            self.left = min(elements, int(CACHE_SHARE * available) // element_size)
+            self.chunk = max(CHUNK_FLOOR, min(CHUNK_ELEMENTS, int(CHUNK_SHARE * available) // element_size))
 
     def take(self, elements: int) -> bool:
         if elements > self.left:
@@ -86,6 +102,7 @@ class LinearRule(LayerRule):
 
     def __init__(self, module: nn.Linear, layer_input: torch.Tensor, budget: CacheBudget | None = None):
         super().__init__(module, layer_input)
+        self.chunk = budget.chunk if budget is not None else CHUNK_ELEMENTS
         self.flat = layer_input.ndim == 2
         self.grad_square = None  # flat input: sum_k s_k g_k^2, [B, out]
         self.weight_diag = None if self.flat else torch.zeros_like(module.weight)
@@ -98,7 +115,7 @@ class LinearRule(LayerRule):
             return
         a = self.input.flatten(1, -2)                       # [B, T, in]
         g = grad.flatten(1, -2)                             # [B, T, out]
-        for part in _chunks(a.shape[0], a[0].numel() + g[0].numel() + a.shape[-1] * g.shape[-1]):
+        for part in _chunks(a.shape[0], a[0].numel() + g[0].numel() + a.shape[-1] * g.shape[-1], self.chunk):
             per_sample = torch.einsum("bto,bti->boi", g[part], a[part])
             self.weight_diag += _signed_square_sum(per_sample, sign[part])
             if self.bias_diag is not None:
@@ -170,7 +187,7 @@ class ConvRule(LayerRule):
         per_sample_elements = self.module.out_channels * kernel + g[0].numel()
         if self.cached is None:
             per_sample_elements += cols_elements
-        for part in _chunks(b, per_sample_elements, min(CHUNK_ELEMENTS, PER_SAMPLE_CHUNK_ELEMENTS)):
+        for part in _chunks(b, per_sample_elements, min(self.budget.chunk, PER_SAMPLE_CHUNK_ELEMENTS)):
             cols = self.cached[part] if self.cached is not None else self._columns(part)
             per_sample = torch.einsum("cgol,cgil->cgoi", g[part], cols)
             self.weight_diag += torch.tensordot(sign[part], per_sample.square_(), dims=([0], [0]))
@@ -186,7 +203,7 @@ class ConvRule(LayerRule):
 
     def result(self):
         if self.pairs is not None:
-            self.weight_diag = self.pairs.weight(self._columns, self.weight_diag.shape[-1], CHUNK_ELEMENTS)
+            self.weight_diag = self.pairs.weight(self._columns, self.weight_diag.shape[-1], self.budget.chunk)
             if self.bias_diag is not None:
                 self.bias_diag = self.pairs.bias()
             self.pairs = None
@@ -243,4 +260,4 @@ def rule_for(module: nn.Module) -> Callable[..., LayerRule] | None:
 
 
 __all__ = ["RULES", "LayerRule", "CacheBudget", "LinearRule", "ConvRule", "BatchNormRule", "rule_for",
-           "CHUNK_ELEMENTS", "CACHE_ELEMENTS"]
+           "CHUNK_ELEMENTS", "CACHE_ELEMENTS", "CHUNK_FLOOR", "CHUNK_SHARE", "CACHE_SHARE"]
