@@ -139,7 +139,8 @@ class CapturedForward:
     def square_sums(self, directions: torch.Tensor, signs: torch.Tensor) -> dict[str, torch.Tensor]:
         """{parameter name: sum_d sum_b s_db (J_b^T v_db)^2} in float64, for directions v [D, B, K] in the
         logits with signs s [D, B] (one backward pass each; the graph is freed after the last)."""
-        budget = CacheBudget(CACHE_ELEMENTS)
+        budget = CacheBudget(CACHE_ELEMENTS, directions.shape[0], self.logits.device,
+                             self.logits.element_size())
         rules = {name: rule_for(self.layers[name])(self.layers[name], self.inputs[name], budget)
                  for name in self.called}
         targets = [name for name in self.called if self.outputs[name].requires_grad]

@@ -20,8 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory.
+from nfm_cli.curvature.conv_routes import (
+    PER_SAMPLE_CHUNK_ELEMENTS,
+    POSITION_PAIR,
+    ConvShape,
+    PositionPairSums,
+    choose_route,
+)
+from nfm_cli.runtime.memory import available_bytes
+
+# Elements processed at once by the per-sample rules (Conv, Linear on sequences): bounds memory. The
+# caps below; ``CacheBudget`` lowers both to a share of the memory still available (runtime.memory).
 CHUNK_ELEMENTS = 1 << 24
+CHUNK_FLOOR = 1 << 18
+CHUNK_SHARE = 1 / 16
+CACHE_SHARE = 1 / 4
 # Elements of unfolded conv inputs kept per batch across the K-1 directions (2^27 float32 = 512 MiB);
 # a layer that does not fit unfolds its input again for every direction (slower; equal up to rounding).
 CACHE_ELEMENTS = 1 << 27
@@ -53,10 +66,23 @@ def _signed_square_sum(per_sample: torch.Tensor, sign: torch.Tensor) -> torch.Te
 
 
 class CacheBudget:
-    """Elements that rules may keep across the K-1 directions of one batch (e.g. unfolded conv inputs)."""
+    """Elements that rules may keep across the K-1 directions of one batch (e.g. unfolded conv inputs),
+    elements a rule may process at once (``chunk``), and how many directions there are (None:
+    unknown, taken as 9, CIFAR-10's K-1).
 
-    def __init__(self, elements: int):
-        self.left = elements
+    With a ``device``, both element counts are capped by a share of the memory still available there
+    (``runtime.memory.available_bytes``: cgroup limit, MemAvailable, free GPU memory, NFM_MEMORY_LIMIT):
+    ``CACHE_SHARE`` for the kept elements, ``CHUNK_SHARE`` (at least ``CHUNK_FLOOR``) for a chunk.
+    Results do not depend on either (equal up to rounding), only speed and peak memory do."""
+
+    def __init__(self, elements: int, directions: int | None = None, device: torch.device | None = None,
+                 element_size: int = 4):
+        self.left, self.chunk = elements, CHUNK_ELEMENTS
+        self.directions = directions
+        available = available_bytes(device) if device is not None else None
+        if available is not None:
+            self.left = min(elements, int(CACHE_SHARE * available) // element_size)
+            self.chunk = max(CHUNK_FLOOR, min(CHUNK_ELEMENTS, int(CHUNK_SHARE * available) // element_size))
 
     def take(self, elements: int) -> bool:
         if elements > self.left:
@@ -65,8 +91,8 @@ class CacheBudget:
         return True
 
 
-def _chunks(n: int, per_sample_elements: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, per_sample_elements))
+def _chunks(n: int, per_sample_elements: int, chunk_elements: int | None = None) -> Iterator[slice]:
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, per_sample_elements))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -76,6 +102,7 @@ class LinearRule(LayerRule):
 
     def __init__(self, module: nn.Linear, layer_input: torch.Tensor, budget: CacheBudget | None = None):
         super().__init__(module, layer_input)
+        self.chunk = budget.chunk if budget is not None else CHUNK_ELEMENTS
         self.flat = layer_input.ndim == 2
         self.grad_square = None  # flat input: sum_k s_k g_k^2, [B, out]
         self.weight_diag = None if self.flat else torch.zeros_like(module.weight)
@@ -88,7 +115,7 @@ class LinearRule(LayerRule):
             return
         a = self.input.flatten(1, -2)                       # [B, T, in]
         g = grad.flatten(1, -2)                             # [B, T, out]
-        for part in _chunks(a.shape[0], a[0].numel() + g[0].numel() + a.shape[-1] * g.shape[-1]):
+        for part in _chunks(a.shape[0], a[0].numel() + g[0].numel() + a.shape[-1] * g.shape[-1], self.chunk):
             per_sample = torch.einsum("bto,bti->boi", g[part], a[part])
             self.weight_diag += _signed_square_sum(per_sample, sign[part])
             if self.bias_diag is not None:
@@ -109,11 +136,15 @@ class LinearRule(LayerRule):
 
 
 class ConvRule(LayerRule):
-    """nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups, padding mode)."""
+    """nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups, padding mode), by the cheaper of the
+    per-sample and position-pair routes (``conv_routes.py``), chosen per layer at the first direction."""
+
+    forced_route: str | None = None         # tests and benchmarks: one route for every layer
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, layer_input: torch.Tensor, budget: CacheBudget):
         self.budget = budget
         self.cached = None
+        self.route, self.pairs = None, None
         if isinstance(module, nn.Conv1d):                   # treat as a 2-D conv of height 1
             layer_input = layer_input.unsqueeze(-2)
         padding = module.padding
@@ -145,20 +176,37 @@ class ConvRule(LayerRule):
         b = grad.shape[0]
         g = grad.reshape(b, self.groups, self.module.out_channels // self.groups, -1)   # [B, G, o, L]
         kernel = self.weight_diag.shape[-1]                 # (in / groups) * kernel positions
+        if self.route is None:
+            self._choose_route(g, kernel)
+        if self.pairs is not None:
+            self.pairs.add(g, sign)
+            return
         cols_elements = self.groups * kernel * g.shape[-1]
         if self.cached is None and self.budget.take(b * cols_elements):
             self.cached = self._columns(slice(0, b))    # unfold once per batch, reuse for all K-1 directions
         per_sample_elements = self.module.out_channels * kernel + g[0].numel()
         if self.cached is None:
             per_sample_elements += cols_elements
-        for part in _chunks(b, per_sample_elements):
+        for part in _chunks(b, per_sample_elements, min(self.budget.chunk, PER_SAMPLE_CHUNK_ELEMENTS)):
             cols = self.cached[part] if self.cached is not None else self._columns(part)
             per_sample = torch.einsum("cgol,cgil->cgoi", g[part], cols)
-            self.weight_diag += _signed_square_sum(per_sample, sign[part])
+            self.weight_diag += torch.tensordot(sign[part], per_sample.square_(), dims=([0], [0]))
             if self.bias_diag is not None:
                 self.bias_diag += _signed_square_sum(g[part].sum(-1).flatten(1), sign[part])
 
+    def _choose_route(self, g: torch.Tensor, kernel: int) -> None:
+        b, groups, out_per_group, positions = g.shape
+        shape = ConvShape(b, positions, groups, out_per_group, kernel, self.budget.directions or 9)
+        self.route = self.forced_route or choose_route(shape, self.budget.left)
+        if self.route == POSITION_PAIR and self.budget.take(shape.position_pair_elements()):
+            self.pairs = PositionPairSums(b, groups, out_per_group, positions, g.dtype, g.device)
+
     def result(self):
+        if self.pairs is not None:
+            self.weight_diag = self.pairs.weight(self._columns, self.weight_diag.shape[-1], self.budget.chunk)
+            if self.bias_diag is not None:
+                self.bias_diag = self.pairs.bias()
+            self.pairs = None
         out = {"weight": self.weight_diag.reshape(self.module.weight.shape)}
         if self.bias_diag is not None:
             out["bias"] = self.bias_diag
@@ -212,4 +260,4 @@ def rule_for(module: nn.Module) -> Callable[..., LayerRule] | None:
 
 
 __all__ = ["RULES", "LayerRule", "CacheBudget", "LinearRule", "ConvRule", "BatchNormRule", "rule_for",
-           "CHUNK_ELEMENTS", "CACHE_ELEMENTS"]
+           "CHUNK_ELEMENTS", "CACHE_ELEMENTS", "CHUNK_FLOOR", "CHUNK_SHARE", "CACHE_SHARE"]
