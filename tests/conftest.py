@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import functional_call, hessian, jacrev
 
 from nfm_cli.cli import main
 from nfm_cli.curvature.losses import mean_loss
@@ -229,6 +229,27 @@ def dense_diagonal(model, x, y, loss):
         block = hessian(loss_of)(value).reshape(value.numel(), value.numel())
         out[name] = block.diagonal().reshape(value.shape)
     return out
+
+
+def dense_gauss_newton_diagonal(model, x, y, loss):
+    """Diagonal of the generalized Gauss-Newton matrix of the mean loss, (1/N) sum_b J_b^T H_b J_b, from
+    dense per-sample Jacobians of the logits (torch.func.jacrev) and autograd Hessians of the loss in
+    the logits (torch.func.hessian), float64: the oracle of the ggn estimator."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in range(len(y)):
+        xb, yb = x[b:b + 1], y[b:b + 1]
+
+        def logits_of(p, xb=xb):
+            return functional_call(model, {**buffers, **p}, (xb,))[0]
+        jac = jacrev(logits_of)(params)                                       # {name: [K, *shape]}
+        logits = logits_of(params).detach()
+        h = hessian(lambda f, yb=yb: mean_loss(f.unsqueeze(0), yb, loss))(logits)   # [K, K]
+        for n, j in jac.items():
+            flat = j.reshape(j.shape[0], -1)
+            out[n] += torch.einsum("kp,kl,lp->p", flat, h, flat).reshape(params[n].shape)
+    return {n: v / len(y) for n, v in out.items()}
 
 
 def spot_diagonal(model, x, y, loss, per_tensor=6, seed=0, only=None):
