@@ -28,8 +28,8 @@ from torch.func import functional_call, grad, vmap
 
 from nfm_cli.curvature.batch_size import auto_batch_size
 from nfm_cli.curvature.exact import layer_square_sums
-from nfm_cli.curvature.support import curvature_plan
 from nfm_cli.curvature.losses import per_sample_loss
+from nfm_cli.curvature.support import curvature_plan
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime.progress import ProgressFn, report

@@ -108,13 +108,13 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     ctx, dev = distributed.setup(resolve_device(device))    # world size 1 (no-op) without torchrun
     if not ctx.is_main:
         progress = None                     # rank 0 reports the global count
-    estimator, why = resolve_estimator(estimator, model)
-    if why is not None:
-        note(progress, why)
 
     x_all, y_all = ck.training_tensors(device="cpu")
     n_total = len(y_all)
     use = _sample_count(samples, n_total)
+    estimator, why = resolve_estimator(estimator, model)    # auto: exact or ggn, said once
+    if why is not None:
+        note(progress, why)
     if batch_size is None:          # a partial run keeps its batch size, whatever memory is free now
         batch_size = _partial_batch_size(out, force) or auto_batch_size(model, x_all[:1], estimator, use, dev)
         if ctx.active:              # ranks see different free memory: all take the smallest

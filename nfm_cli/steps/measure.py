@@ -135,7 +135,7 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                                     trace_hdiag=_in_memory(hessians["ce"], solve_ck),
                                     fisher_rao=fisher, tol=tol, max_iter=max_iter, progress=progress,
                                     extra_config={**options, "fisher_rao_loss": FISHER_RAO_LOSS},
-                                    extra_result={**(extra or {}), "estimator": estimator})
+                                    extra_result=extra)
     except BaseException:
         failed = 1
         raise
