@@ -12,20 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS, SOLVER_MAX_ITER, SOLVER_TOL
+from nfm_cli.choices import DEFAULT_ESTIMATOR, DEFAULT_PROBES, ESTIMATORS, SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.curvature.batch_size import auto_batch_size
-from nfm_cli.curvature.estimators import make_estimator
-from nfm_cli.curvature.exact import check_exact_supported
+from nfm_cli.curvature.estimators import make_estimator, resolve_estimator
+from nfm_cli.curvature.registry import uses_probes
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.compute import compute_measures
 from nfm_cli.measures.fisher_rao import fisher_rao_norm
-from nfm_cli.runtime.progress import ProgressFn, report
+from nfm_cli.runtime.progress import ProgressFn, note, report
 from nfm_cli.steps.train import _evaluate
 
 
 def measure_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x_test: torch.Tensor | None = None,
-                  y_test: torch.Tensor | None = None, estimator: str = "exact", samples: int | None = None,
+                  y_test: torch.Tensor | None = None, estimator: str = DEFAULT_ESTIMATOR, samples: int | None = None,
                   probes: int = DEFAULT_PROBES, batch_size: int | None = None, seed: int = 0,
                   tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER, progress: ProgressFn = None) -> dict[str, Any]:
     """Normalized sharpness and its rivals of ``model`` on the training data ``(x, y)``, in memory.
@@ -33,7 +33,8 @@ def measure_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x_test:
     ``x``: inputs as the model takes them; ``y``: int64 labels the model was trained on (on the model's
     device). The model is put in eval mode (BatchNorm uses its running statistics). Options mean what
     they mean for ``nfm measure``; for the same weights, data and options the numbers are those of
-    ``nfm measure --json``. Raises ``NfmError`` for bad input.
+    ``nfm measure --json`` (including ``"estimator"``, the one ``auto`` picked). Raises ``NfmError`` for
+    bad input.
     """
     if estimator not in ESTIMATORS:
         raise NfmError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
@@ -45,8 +46,9 @@ def measure_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x_test:
     if samples is not None and not 1 <= samples <= len(y):
         raise NfmError(f"samples must be in [1, {len(y)}], not {samples}")
     model.eval()
-    if estimator == "exact":
-        check_exact_supported(model)
+    estimator, why = resolve_estimator(estimator, model)       # auto: exact or ggn, said once
+    if why is not None:
+        note(progress, why)
     idx = subset_indices(len(y), samples, seed, "hessian-samples").to(y.device)   # as hessian-diag
     xs, ys = x[idx], y[idx]
     batch = int(batch_size or auto_batch_size(model, xs[:1], estimator, len(ys)))
@@ -55,7 +57,8 @@ def measure_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x_test:
     fisher = fisher_rao_norm(model, xs, ys, progress=progress)
     measures = compute_measures(model, diagonals["normalized-ce"], diagonals["ce"], tol=tol, max_iter=max_iter,
                                 progress=progress)
-    result = dict(measures.summary, fisher_rao_norm=fisher, hessian_loss="normalized-ce", trace_loss="ce")
+    result = dict(measures.summary, fisher_rao_norm=fisher, hessian_loss="normalized-ce", trace_loss="ce",
+                  estimator=estimator)
     result["metrics"] = _metrics(model, x, y, x_test, y_test)
     return result
 
@@ -70,7 +73,7 @@ def _check_data(x: Any, y: Any, what: str) -> None:
 
 def _diagonal(model, x, y, loss, estimator, batch, probes, seed, progress) -> dict[str, torch.Tensor]:
     est = make_estimator(estimator, model, x, y, loss, batch_size=batch,
-                         probes=None if estimator == "exact" else int(probes), seed=int(seed))
+                         probes=int(probes) if uses_probes(estimator) else None, seed=int(seed))
     state = est.initial_state()
     for unit in range(est.units_total):
         est.run_unit(unit, state)

@@ -8,7 +8,12 @@ checks against them for Python callers (``losses.LOSS_NAMES`` is ``choices.LOSS_
 """
 from __future__ import annotations
 
-from nfm_cli.curvature.registry import DEFAULT_PROBES, FD_SCALE  # noqa: F401  (re-exported for the CLI)
+from nfm_cli.curvature.registry import (  # noqa: F401  (re-exported for the CLI)
+    DEFAULT_ESTIMATOR,
+    DEFAULT_PROBES,
+    FD_SCALE,
+    estimators_help,
+)
 from nfm_cli.curvature.registry import ESTIMATOR_NAMES as ESTIMATORS
 from nfm_cli.data.registry import DATASET_NAMES as DATASETS
 
@@ -22,6 +27,6 @@ REPORT_GROUP_BY = ("model", "dataset")                   # report: run fields th
 SOLVER_TOL = 1e-10                                       # measures.variance: relative tolerance of (17)
 SOLVER_MAX_ITER = 10_000                                 # measures.variance: block sweeps per layer at most
 
-__all__ = ["DATASETS", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "HESSIAN_SAVE_EVERY_SECONDS", "LOSS_NAMES",
+__all__ = ["DATASETS", "DEFAULT_ESTIMATOR", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "HESSIAN_SAVE_EVERY_SECONDS", "LOSS_NAMES",
            "OPTIMIZERS", "PRECISIONS", "REPORT_GROUP_BY", "RESCALE_MODES", "SOLVER_MAX_ITER", "SOLVER_TOL",
-           "TRAIN_SAVE_EVERY_SECONDS"]
+           "TRAIN_SAVE_EVERY_SECONDS", "estimators_help"]

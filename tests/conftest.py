@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import functional_call, hessian, jacrev
 
 from nfm_cli.cli import main
 from nfm_cli.curvature.losses import mean_loss
@@ -231,6 +231,27 @@ def dense_diagonal(model, x, y, loss):
     return out
 
 
+def dense_gauss_newton_diagonal(model, x, y, loss):
+    """Diagonal of the generalized Gauss-Newton matrix of the mean loss, (1/N) sum_b J_b^T H_b J_b, from
+    dense per-sample Jacobians of the logits (torch.func.jacrev) and autograd Hessians of the loss in
+    the logits (torch.func.hessian), float64: the oracle of the ggn estimator."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in range(len(y)):
+        xb, yb = x[b:b + 1], y[b:b + 1]
+
+        def logits_of(p, xb=xb):
+            return functional_call(model, {**buffers, **p}, (xb,))[0]
+        jac = jacrev(logits_of)(params)                                       # {name: [K, *shape]}
+        logits = logits_of(params).detach()
+        h = hessian(lambda f, yb=yb: mean_loss(f.unsqueeze(0), yb, loss))(logits)   # [K, K]
+        for n, j in jac.items():
+            flat = j.reshape(j.shape[0], -1)
+            out[n] += torch.einsum("kp,kl,lp->p", flat, h, flat).reshape(params[n].shape)
+    return {n: v / len(y) for n, v in out.items()}
+
+
 def spot_diagonal(model, x, y, loss, per_tensor=6, seed=0, only=None):
     """A few exact diagonal entries per tensor (of the tensors named in ``only``, default all),
     d^2 L / d theta_i^2 = (H e_i)_i, by double backward."""
@@ -423,3 +444,116 @@ def tiny_transformer(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]
 
 TRANSFORMERS = ("timm-vit", "timm-swin", "torchvision-vit", "vit-tiny", "encoder-pre-ln", "encoder-post-ln",
                 "encoder-split-qkv")
+
+
+# ---- tiny models of modern families (issue 20): attention, LayerNorm, GELU, SiLU, gates, embeddings ----
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class TinyViT(nn.Module):
+    """Patch conv, class token, position embedding, pre-LN block with softmax attention, GELU MLP,
+    layer scale (a raw parameter multiplying activations), final LayerNorm, head on the class token."""
+
+    def __init__(self, dim=8, classes=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim) * 0.5)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, 2)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)                       # [B, 4, D]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.attn(self.norm1(x))
+        x = x + self.gamma * self.mlp(self.norm2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+class TokenClassifier(nn.Module):
+    """nn.Embedding + nn.TransformerEncoderLayer on int64 tokens, mean pooling, linear head."""
+
+    def __init__(self, vocab=7, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        return self.head(self.layer(self.embed(tokens)).mean(1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, channels-last LayerNorm, pointwise Linear-GELU-Linear, layer scale, residual."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1, self.act, self.pw2 = nn.Linear(dim, 3 * dim), nn.GELU(), nn.Linear(3 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pw2(self.act(self.pw1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def convnext_like():
+    return nn.Sequential(nn.Conv2d(2, 4, 2, stride=2), ConvNeXtBlock(4), nn.GroupNorm(2, 4),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, ch, hidden):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(ch, hidden, 1), nn.Conv2d(hidden, ch, 1)
+
+    def forward(self, x):
+        gate = F.hardsigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return x * gate
+
+
+def mobilenet_like():
+    """Conv-BN-Hardswish stem, depthwise conv with SiLU, squeeze-excitation gate, 1x1 projection."""
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Hardswish(),
+                         nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.SiLU(),
+                         SqueezeExcite(6, 2), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+MODERN = ("vit", "tokens", "convnext", "mobilenet")
+
+
+def modern_case(name):
+    """(model, inputs, labels) of a tiny float64 model of a modern family (not piecewise linear)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if name == "vit":
+        model, x = TinyViT(), torch.randn(6, 3, 4, 4, generator=gen)
+    elif name == "tokens":
+        model, x = TokenClassifier(), torch.randint(0, 7, (6, 5), generator=gen)
+        x[0, :2] = 0                                                      # padding tokens
+        x[1] = 3                                                          # one token repeated
+    elif name == "convnext":
+        model, x = convnext_like(), torch.randn(6, 2, 4, 4, generator=gen)
+    else:
+        model, x = randomize_batchnorm(mobilenet_like()), torch.randn(6, 2, 4, 4, generator=gen)
+    model = model.double().eval()
+    x = x.double() if x.is_floating_point() else x
+    return model, x, torch.randint(0, 3, (6,), generator=gen)

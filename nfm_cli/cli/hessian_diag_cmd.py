@@ -8,6 +8,7 @@ import typer
 from nfm_cli.cli import STEPS, command
 from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import (
+    DEFAULT_ESTIMATOR,
     DEFAULT_PROBES,
     FD_SCALE,
     HESSIAN_SAVE_EVERY_SECONDS,
@@ -36,7 +37,7 @@ def hessian_diag_command(
                              "with the same options is resumed; a complete one is left alone."),
     loss: Loss = typer.Option(Loss("normalized-ce"), help="normalized-ce (eqs. 20-22, for normalized sharpness) "
                               "or ce (plain cross-entropy, for the Hessian-trace baseline)."),
-    estimator: EstimatorOpt = Estimator("exact"),
+    estimator: EstimatorOpt = Estimator(DEFAULT_ESTIMATOR),
     probes: Probes = DEFAULT_PROBES,
     samples: Samples = None,
     batch_size: BatchSize = None,

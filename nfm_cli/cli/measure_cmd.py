@@ -9,6 +9,7 @@ import typer
 from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.lock_guard import locked, wait_option
 from nfm_cli.cli.options import (
+    DEFAULT_ESTIMATOR,
     DEFAULT_PROBES,
     FD_SCALE,
     HESSIAN_SAVE_EVERY_SECONDS,
@@ -50,7 +51,7 @@ def measure_command(
     checkpoint: CheckpointArg,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Measures file (default: CKPT's name with "
                                        ".measures.safetensors, next to it)."),
-    estimator: EstimatorOpt = Estimator("exact"),
+    estimator: EstimatorOpt = Estimator(DEFAULT_ESTIMATOR),
     samples: Samples = None,
     probes: Probes = DEFAULT_PROBES,
     batch_size: BatchSize = None,

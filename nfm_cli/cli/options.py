@@ -18,6 +18,7 @@ import typer
 import nfm_models
 from nfm_cli.choices import (
     DATASETS,
+    DEFAULT_ESTIMATOR,
     DEFAULT_PROBES,
     ESTIMATORS,
     FD_SCALE,
@@ -28,6 +29,7 @@ from nfm_cli.choices import (
     RESCALE_MODES,
     SOLVER_MAX_ITER,
     SOLVER_TOL,
+    estimators_help,
 )
 
 
@@ -73,11 +75,9 @@ BatchSize = Annotated[Optional[int], typer.Option(
     "512, WRN-16-4 64).")]
 FiniteDiffScale = Annotated[float, typer.Option("--finite-diff-scale", callback=positive,
                                                 help="finite-diff radius per tensor: r = scale * rms(tensor).")]
-EstimatorOpt = Annotated[Estimator, typer.Option(
-    "--estimator", help="exact (Gauss-Newton identity, piecewise-linear networks), hutchinson (Rademacher "
-    "probes, exact Hessian-vector products) or finite-diff (the paper's Algorithm 1).")]
+EstimatorOpt = Annotated[Estimator, typer.Option("--estimator", help=estimators_help() + ".")]
 Probes = Annotated[int, typer.Option(min=1, help=f"Probes for hutchinson and finite-diff (default {DEFAULT_PROBES}); "
-                                     "ignored by exact.")]
+                                     "ignored by exact and ggn.")]
 SaveEvery = Annotated[float, typer.Option("--save-every", min=0.0, metavar="SECONDS", help="Save the partial "
                                           "state this often (and when interrupted); rerunning the same command "
                                           "continues from the last save. 0: after every batch or probe. The "
@@ -86,7 +86,7 @@ Tol = Annotated[float, typer.Option(callback=positive, help="Solver tolerance: s
                                     "objective change and the optimality residual are below it.")]
 MaxIter = Annotated[int, typer.Option("--max-iter", min=1, help="Solver iteration cap per layer.")]
 
-__all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "Device", "Estimator", "EstimatorOpt",
+__all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "DEFAULT_ESTIMATOR", "Device", "Estimator", "EstimatorOpt",
            "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "HESSIAN_SAVE_EVERY_SECONDS", "Json", "Loss",
            "MaxIter", "Mode", "Model", "Optimizer", "Precision", "Probes", "Quiet", "Samples", "SaveEvery", "Seed",
            "SOLVER_MAX_ITER", "SOLVER_TOL", "Tol", "flag", "positive"]

@@ -1,11 +1,11 @@
-"""The three estimators as sequences of work units over a fixed batch order, with explicit state.
+"""The estimators as sequences of work units over a fixed batch order, with explicit state.
 
 A run is ``units_total`` units done in order 0, 1, 2, ...; every unit reads the state, computes its
 contribution, and only then adds it to the state (float64, always in the same order). The state is
 a dict of tensors, so it can be saved after any unit and restored: a resumed run performs exactly
 the same floating-point operations as an uninterrupted one.
 
-* exact:       unit u = batch u;                 state sum.<p> (sum over samples of the diagonal).
+* exact, ggn:  unit u = batch u;                 state sum.<p> (sum over samples of the diagonal).
 * hutchinson:  unit u = (probe u // B, batch);   state pass.<p> (the probe's H z so far), and over
                finished probes sum.<p>, sumsq.<p> of the estimates z * H z and per-tensor traces.
 * finite-diff: unit u = (probe, side +/-, batch); state plus.<p>, minus.<p> (gradient sums), and
@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nfm_cli.curvature.exact import BatchDiagonal, exact_diagonal_batch, parameterised_layers
+from nfm_cli.curvature.exact import BatchDiagonal, exact_diagonal_batch
+from nfm_cli.curvature.graph import CurvaturePlan
 from nfm_cli.curvature.losses import degenerate_mask
+from nfm_cli.curvature.registry import AUTO, estimator_spec
 from nfm_cli.curvature.split import SubBatches, add_dicts, combine_with_logits
 from nfm_cli.curvature.stochastic import (
     FD_SCALE,
@@ -34,6 +36,12 @@ from nfm_cli.curvature.stochastic import (
     hessian_vector_sum,
     model_parameters,
     rademacher_probe,
+)
+from nfm_cli.curvature.support import (
+    check_exact_supported,
+    check_ggn_supported,
+    curvature_plan,
+    parameterised_layers,
 )
 from nfm_cli.runtime.progress import ProgressFn
 
@@ -49,9 +57,18 @@ class DiagonalEstimate:
 
 
 class Estimator:
-    """Common driver interface; see the module docstring."""
+    """Common driver interface; see the module docstring. Subclasses are registered in
+    ``curvature.registry`` and built by ``make_estimator`` through ``create``."""
 
     name = ""
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        """Raise ``NfmError`` when this estimator cannot handle ``model`` (before any work)."""
+
+    @classmethod
+    def create(cls, model, x, y, loss, batch_size, *, probes, seed, finite_diff_scale) -> Estimator:
+        return cls(model, x, y, loss, batch_size)
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int):
         self.model, self.x, self.y, self.loss = model, x, y, loss
@@ -111,9 +128,17 @@ class ExactEstimator(Estimator):
 
     name = "exact"
 
+    @classmethod
+    def check_supported(cls, model):
+        check_exact_supported(model)
+
+    @classmethod
+    def plan(cls, model: nn.Module) -> CurvaturePlan:
+        return parameterised_layers(model)
+
     def __init__(self, model, x, y, loss, batch_size):
         super().__init__(model, x, y, loss, batch_size)
-        self.layers = parameterised_layers(model)
+        self.layers = self.plan(model)
         self.units_total = self.batches
 
     def initial_state(self):
@@ -136,6 +161,23 @@ class ExactEstimator(Estimator):
         return DiagonalEstimate(diagonal, {}, _trace_metrics(diagonal, state))
 
 
+class GaussNewtonEstimator(ExactEstimator):
+    """The exact diagonal of the generalized Gauss-Newton matrix sum_b J_b^T H_b J_b (H_b the loss Hessian
+    in the logits) for any graph whose parameters enter through operations with rules: the machinery of
+    ``exact`` without its piecewise-linearity requirement. Not the Hessian unless the graph is piecewise
+    linear in each weight (then it equals ``exact``)."""
+
+    name = "ggn"
+
+    @classmethod
+    def check_supported(cls, model):
+        check_ggn_supported(model)
+
+    @classmethod
+    def plan(cls, model: nn.Module) -> CurvaturePlan:
+        return curvature_plan(model)
+
+
 class _ProbeEstimator(Estimator):
     """Mean over ``probes`` probes of a per-probe estimate; running sums give the standard error."""
 
@@ -144,6 +186,10 @@ class _ProbeEstimator(Estimator):
     @property
     def chunk_units(self) -> int:
         return self.passes * self.batches
+
+    @classmethod
+    def create(cls, model, x, y, loss, batch_size, *, probes, seed, finite_diff_scale):
+        return cls(model, x, y, loss, batch_size, probes, seed)
 
     def __init__(self, model, x, y, loss, batch_size, probes: int, seed: int):
         super().__init__(model, x, y, loss, batch_size)
@@ -238,6 +284,10 @@ class FiniteDifferenceEstimator(_ProbeEstimator):
     passes = 2
     scratch_prefixes = ("plus.", "minus.")
 
+    @classmethod
+    def create(cls, model, x, y, loss, batch_size, *, probes, seed, finite_diff_scale):
+        return cls(model, x, y, loss, batch_size, probes, seed, finite_diff_scale)
+
     def __init__(self, model, x, y, loss, batch_size, probes, seed, scale: float = FD_SCALE):
         super().__init__(model, x, y, loss, batch_size, probes, seed)
         self.scale = scale
@@ -295,19 +345,35 @@ def _trace_metrics(diagonal: dict[str, torch.Tensor], state: dict[str, torch.Ten
             "degenerate_samples": int(state["degenerate"])}
 
 
+def estimator_class(name: str) -> type[Estimator]:
+    """The Estimator class registered as ``name`` (``curvature.registry``; not ``auto``)."""
+    return estimator_spec(name).load()
+
+
+def resolve_estimator(name: str, model: nn.Module) -> tuple[str, str | None]:
+    """(the estimator to run, why) for ``name``: ``auto`` becomes ``exact`` where the graph is piecewise
+    linear in each weight, else ``ggn`` with the reason (e.g. "GELU at 'blocks.0.mlp.act': ..."); any
+    other name is checked against the model (``check_supported``) and returned with None."""
+    if name != AUTO:
+        estimator_class(name).check_supported(model)
+        return name, None
+    plan = curvature_plan(model)          # raises for what neither exact estimator handles
+    if plan.nonlinear is None:
+        return "exact", "the graph is piecewise linear in each weight: using the exact Hessian diagonal"
+    why = str(plan.nonlinear).split("; ")[1] if "; " in str(plan.nonlinear) else str(plan.nonlinear)
+    return "ggn", f"{why}: using the Gauss-Newton diagonal (ggn), not the Hessian's"
+
+
 def make_estimator(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *,
                    batch_size: int, probes: int | None = None, seed: int = 0,
                    finite_diff_scale: float = FD_SCALE, progress: ProgressFn = None) -> Estimator:
-    """The estimator ``name`` (one of ``choices.ESTIMATORS``) over (x, y); the model must be in eval mode.
-    ``progress`` receives a note when a batch is split after running out of memory."""
-    if name == "exact":
-        est = ExactEstimator(model, x, y, loss, batch_size)
-    elif name == "hutchinson":
-        est = HutchinsonEstimator(model, x, y, loss, batch_size, probes, seed)
-    elif name == "finite-diff":
-        est = FiniteDifferenceEstimator(model, x, y, loss, batch_size, probes, seed, finite_diff_scale)
-    else:
-        raise ValueError(f"unknown estimator {name!r}")
+    """The estimator ``name`` (registered in ``curvature.registry``; ``auto`` resolved with
+    ``resolve_estimator`` first) over (x, y); the model must be in eval mode. ``progress`` receives a
+    note when a batch is split after running out of memory."""
+    if name == AUTO:
+        name, _ = resolve_estimator(name, model)
+    est = estimator_class(name).create(model, x, y, loss, batch_size, probes=probes, seed=seed,
+                                       finite_diff_scale=finite_diff_scale)
     est.splitter.progress = progress
     return est
 

@@ -32,11 +32,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.utils import _pytree as pytree
 
+from nfm_cli.curvature.graph import CurvaturePlan, fetch, tensor_outputs, unsupported
 from nfm_cli.curvature.losses import check_loss_name, degenerate_mask, logit_hessian
-from nfm_cli.curvature.rules import CACHE_ELEMENTS, RULES, CacheBudget, LayerRule, rule_for
-from nfm_cli.curvature.support import PIECEWISE_LINEAR_LEAVES, check_exact_supported, parameterised_layers, refusal
+from nfm_cli.curvature.rules import CACHE_ELEMENTS, RULES, CacheBudget, LayerRule
+from nfm_cli.curvature.support import PIECEWISE_LINEAR_LEAVES, check_exact_supported, parameterised_layers
 from nfm_cli.errors import NfmError
 
 # --------------------------------------------------------------------------------------------
@@ -114,55 +116,124 @@ class BatchDiagonal:
     degenerate: int
 
 
-class CapturedForward:
-    """One forward pass of ``model`` with the inputs and outputs of its rule layers recorded."""
+class _Recorder(fx.Interpreter):
+    """Runs the traced graph of the model, recording the calls of the parameter uses (their arguments,
+    cloned, and outputs, handed on as clones so later in-place operations cannot touch them) and the
+    values of the per-sample rules' seeds. Attributes are read from the live model."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, uses: list):
+        super().__init__(model, graph=graph)
+        self.model = model
+        self.entries = {u.node for u in uses}
+        self.seeds = {s for u in uses for s in u.seeds}
+        self.calls: dict[str, tuple] = {}
+        self.outputs: dict[str, object] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def fetch_attr(self, target: str):
+        return fetch(self.model, target)
+
+    def run_node(self, n: fx.Node):
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.name in self.entries:
+                self.calls[n.name] = _detached_clone((args, kwargs))
+            out = getattr(self, n.op)(n.target, args, kwargs)
+        if n.name in self.seeds:
+            self.values[n.name] = _detached_clone(out)
+        if n.name in self.entries:
+            self.outputs[n.name] = out
+            return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+        return out
+
+
+def _detached_clone(tree):
+    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+class CapturedForward:
+    """One forward pass of ``model`` with what the rules of its parameter uses (``plan``) need recorded:
+    by forward hooks when every use is a rule module's call, else by interpreting the traced graph."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, plan: CurvaturePlan):
+        self.model, self.plan = model, plan
+        if plan.graph is None:
+            self._hooked_forward(x)
+        else:
+            recorder = _Recorder(model, plan.graph, plan.uses)
+            with _parameters_require_grad(model), torch.enable_grad():
+                self.logits = recorder.run(x)
+            self.calls, self.outputs, self.values = recorder.calls, recorder.outputs, recorder.values
+            self.called = [u for u in plan.uses if u.node in self.outputs]
+        if not isinstance(self.logits, torch.Tensor) or self.logits.ndim != 2:
+            shape = tuple(self.logits.shape) if isinstance(self.logits, torch.Tensor) else type(self.logits).__name__
+            raise NfmError(f"the model returns logits of shape {shape}; expected [batch, classes]")
+
+    def _hooked_forward(self, x: torch.Tensor) -> None:
+        layers = {u.path: u.module for u in self.plan.uses}
         records: dict[str, list] = {}
-        with _parameters_require_grad(model), _capture_layers(layers, records), torch.enable_grad():
-            logits = model(x)
+        with _parameters_require_grad(self.model), _capture_layers(layers, records), torch.enable_grad():
+            logits = self.model(x)
         if any((inp._version, out._version) != versions for calls in records.values()
                for inp, out, versions in calls):
             records = {}                 # a layer output was modified in place: forward again, protected
-            with _parameters_require_grad(model), _capture_layers(layers, records, True), torch.enable_grad():
-                logits = model(x)
-        if logits.ndim != 2:
-            raise NfmError(f"the model returns logits of shape {tuple(logits.shape)}; expected [batch, classes]")
+            with _parameters_require_grad(self.model), _capture_layers(layers, records, True), torch.enable_grad():
+                logits = self.model(x)
         for name, calls in records.items():
             if len(calls) > 1:
-                raise refusal(name, layers[name], "is called more than once per forward pass (shared weights)")
-        self.model, self.layers, self.logits = model, layers, logits
-        self.called = [name for name in layers if name in records]
-        self.inputs = {name: records[name][0][0] for name in self.called}
-        self.outputs = {name: records[name][0][1] for name in self.called}
+                raise unsupported(name, layers[name], "is called more than once per forward pass (shared weights)")
+        self.logits = logits
+        self.called = [u for u in self.plan.uses if u.path in records]
+        self.calls = {u.node: ((records[u.path][0][0],), {}) for u in self.called}
+        self.outputs = {u.node: records[u.path][0][1] for u in self.called}
+        self.values = {}
 
     def square_sums(self, directions: torch.Tensor, signs: torch.Tensor) -> dict[str, torch.Tensor]:
         """{parameter name: sum_d sum_b s_db (J_b^T v_db)^2} in float64, for directions v [D, B, K] in the
         logits with signs s [D, B] (one backward pass each; the graph is freed after the last)."""
         budget = CacheBudget(CACHE_ELEMENTS, directions.shape[0], self.logits.device,
                              self.logits.element_size())
-        rules = {name: rule_for(self.layers[name])(self.layers[name], self.inputs[name], budget)
-                 for name in self.called}
-        targets = [name for name in self.called if self.outputs[name].requires_grad]
+        batch = self.logits.shape[0]
+        rules, targets = {}, []
+        for use in self.called:
+            outputs = tensor_outputs(self.outputs[use.node])
+            if any(t.ndim == 0 or t.shape[0] != batch for t in outputs):
+                raise unsupported(use.path, use.owner, f"has {use.operation} outputs without the samples along "
+                                                       "dimension 0")
+            args, kwargs = self.calls[use.node]
+            rules[use.node] = use.make_rule(args, kwargs, self.values, budget)
+            targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
         for k in range(directions.shape[0]):
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
             # the product hands the logits 1.0 * v = v), without grad_outputs, whose shape check in
             # torch.autograd imports sympy (~0.3 s of every process)
-            grads = torch.autograd.grad((self.logits * directions[k]).sum(), [self.outputs[name] for name in targets],
+            grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
                                         retain_graph=k < directions.shape[0] - 1, allow_unused=True)
-            for name, grad in zip(targets, grads):
+            by_use: dict[str, dict[int, torch.Tensor]] = {}
+            for (node, i, _), grad in zip(targets, grads):
                 if grad is not None:
-                    rules[name].add(grad, signs[k])
-        sums: dict[str, torch.Tensor] = {}
-        for name in self.called:
-            for local, value in rules[name].result().items():
-                sums[f"{name}.{local}" if name else local] = value.detach().to(torch.float64)
+                    by_use.setdefault(node, {})[i] = grad
+            for use in self.called:
+                if use.node in by_use:
+                    rules[use.node].add(_output_gradients(self.outputs[use.node], by_use[use.node]), signs[k])
         named = dict(self.model.named_parameters())
-        return {name: sums[name] if name in sums else                    # unused layers: zero
+        sums: dict[str, torch.Tensor] = {}
+        for use in self.called:
+            for local, value in rules[use.node].result().items():
+                sums[use.params.get(local, local)] = value.detach().to(torch.float64)
+        return {name: sums[name].reshape(param.shape) if name in sums else        # unused parameters: zero
                 torch.zeros(param.shape, dtype=torch.float64, device=param.device) for name, param in named.items()}
 
 
-def layer_square_sums(model: nn.Module, x: torch.Tensor, directions_of, layers: dict[str, nn.Module] | None = None
+def _output_gradients(output, grads: dict[int, torch.Tensor]):
+    """The gradient of a single-tensor output, or a tuple (zeros where an output got none)."""
+    outputs = tensor_outputs(output)
+    if len(outputs) == 1:
+        return grads[0]
+    return tuple(grads[i] if i in grads else torch.zeros_like(t) for i, t in enumerate(outputs))
+
+
+def layer_square_sums(model: nn.Module, x: torch.Tensor, directions_of, layers: CurvaturePlan | None = None
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass, then ``CapturedForward.square_sums`` of ``directions_of(logits) -> (v, s)``.
     Returns the sums and the (detached) logits."""
@@ -174,7 +245,7 @@ def layer_square_sums(model: nn.Module, x: torch.Tensor, directions_of, layers: 
 
 
 def exact_diagonal_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
-                         layers: dict[str, nn.Module] | None = None) -> BatchDiagonal:
+                         layers: CurvaturePlan | None = None) -> BatchDiagonal:
     """Sum over the samples of (x, y) of the per-sample loss Hessian diagonal, per parameter.
 
     ``layers`` is ``parameterised_layers(model)`` (computed when omitted). The model must be in

@@ -1,4 +1,5 @@
-"""Per-layer rules of the exact Hessian diagonal (``exact.py``), keyed by the EXACT layer class.
+"""Per-operation rules of the exact Hessian and Gauss-Newton diagonals (``exact.py``); modules by EXACT class,
+functional calls and raw parameters through ``graph.py``.
 
 A rule turns a layer's input a and the back-propagated output gradients g_k of the K-1 scaled
 eigenvectors of the logit Hessian into sum_b sum_k s_bk (per-sample gradient of the weight)^2:
@@ -8,6 +9,9 @@ eigenvectors of the logit Hessian into sum_b sum_k s_bk (per-sample gradient of 
              with ``groups`` the weight row i only sees the input channels of its group (Sec. 5.3 layout
              in ``variance.to_matrix``).
 * BatchNorm: per-sample gradients of weight and bias from g_bk and the normalised input, squared (eval mode).
+* LayerNorm / GroupNorm: the same with the input normalised over its own dimensions / groups.
+* Embedding: scatter of g_bk into the rows of the sample's tokens, squared.
+* anything else (``PerSampleRule``): per-sample gradients of that one operation by torch.func.
 
 With a single direction per sample (the loss gradient, sign +1) the same rules give the per-sample
 squared gradients of the Fisher-Rao norm (eq. 25, ``fisher_rao.py``).
@@ -243,15 +247,131 @@ class BatchNormRule(LayerRule):
         return out
 
 
+class _AffineNormRule(LayerRule):
+    """y = w * xhat + b with xhat the parameter-free normalisation of the input: per-sample gradients
+    sum over positions of g * xhat (weight) and of g (bias). ``_normalize`` and ``_reduce`` say which."""
+
+    def __init__(self, module, layer_input: torch.Tensor, budget: CacheBudget | None = None):
+        super().__init__(module, layer_input)
+        self.normalized = self._normalize(layer_input)
+        self.weight_diag = torch.zeros_like(module.weight) if module.weight is not None else None
+        self.bias_diag = torch.zeros_like(module.bias) if module.bias is not None else None
+
+    def add(self, grad, sign):
+        if self.weight_diag is not None:
+            self.weight_diag += _signed_square_sum(self._reduce(grad * self.normalized), sign)
+        if self.bias_diag is not None:
+            self.bias_diag += _signed_square_sum(self._reduce(grad), sign)
+
+    def result(self):
+        out = {}
+        if self.weight_diag is not None:
+            out["weight"] = self.weight_diag
+        if self.bias_diag is not None:
+            out["bias"] = self.bias_diag
+        return out
+
+
+class LayerNormRule(_AffineNormRule):
+    """nn.LayerNorm / F.layer_norm: the affine parameters have the normalised shape; positions are the
+    dimensions between the sample and the normalised ones."""
+
+    def _normalize(self, x):
+        return F.layer_norm(x, tuple(self.module.normalized_shape), None, None, self.module.eps)
+
+    def _reduce(self, per_position):
+        dims = tuple(range(1, per_position.ndim - len(self.module.normalized_shape)))
+        return per_position.sum(dims) if dims else per_position
+
+
+class GroupNormRule(_AffineNormRule):
+    """nn.GroupNorm / F.group_norm: one weight and bias per channel (dimension 1)."""
+
+    def _normalize(self, x):
+        return F.group_norm(x, self.module.num_groups, None, None, self.module.eps)
+
+    def _reduce(self, per_position):
+        dims = tuple(range(2, per_position.ndim))
+        return per_position.sum(dims) if dims else per_position
+
+
+class EmbeddingRule(LayerRule):
+    """nn.Embedding / F.embedding: the per-sample gradient of the table is the scatter of the output
+    gradients into the rows of the sample's tokens (a token seen twice in a sample adds up before
+    squaring). Formed on the distinct (sample, token) pairs only, never as [B, V, D]."""
+
+    def __init__(self, module, layer_input: torch.Tensor, budget: CacheBudget | None = None):
+        super().__init__(module, layer_input)
+        tokens = layer_input.reshape(layer_input.shape[0], -1).long()          # [B, T]
+        rows = module.weight.shape[0]
+        sample = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(tokens)
+        keys, self.inverse = torch.unique((sample * rows + tokens).reshape(-1), return_inverse=True)
+        self.key_sample, self.key_token = keys // rows, keys % rows
+        if module.padding_idx is not None:                                     # no gradient there
+            self.key_sample = torch.where(self.key_token == module.padding_idx, -1, self.key_sample)
+        self.weight_diag = torch.zeros_like(module.weight)
+
+    def add(self, grad, sign):
+        g = grad.reshape(-1, grad.shape[-1])                                   # [B*T, D]
+        per_pair = g.new_zeros(len(self.key_token), g.shape[-1]).index_add_(0, self.inverse, g)
+        weights = torch.where(self.key_sample >= 0, sign[self.key_sample.clamp_min(0)], 0.0).to(g.dtype)
+        self.weight_diag.index_add_(0, self.key_token, per_pair * per_pair * weights[:, None])
+
+    def result(self):
+        return {"weight": self.weight_diag}
+
+
+class PerSampleRule(LayerRule):
+    """Any operation through which parameters enter, samples along dimension 0 and independent: the
+    per-sample gradients of its parameters from ``torch.func`` (vmap of the operation's vector-Jacobian
+    product alone, not of the network), squared and summed. Exact, slower than the closed forms above;
+    used for class tokens, position embeddings, layer scales, relative-position bias tables, weights
+    used through a function of themselves, and torch.nn modules without a closed form (attention).
+
+    ``function(params, *inputs)`` recomputes the operation for inputs with a batch dimension (of 1 here);
+    ``params`` {local name: tensor}; ``inputs`` the recorded batch-dependent tensors [B, ...]."""
+
+    def __init__(self, function, params: dict[str, torch.Tensor], inputs: list[torch.Tensor]):
+        super().__init__(None, None)
+        self.function, self.params, self.inputs = function, {k: v.detach() for k, v in params.items()}, inputs
+        self.diag = {k: torch.zeros_like(v) for k, v in self.params.items()}
+
+    def _per_sample(self, inputs, grads):
+        def one(sample_inputs, sample_grads):
+            def output(params):
+                return self.function(params, *[t.unsqueeze(0) for t in sample_inputs])
+            _, pullback = torch.func.vjp(output, self.params)
+            return pullback(tuple(g.unsqueeze(0) for g in sample_grads))[0]
+        return torch.func.vmap(one)(tuple(inputs), tuple(grads))
+
+    def add(self, grad, sign):
+        grads = grad if isinstance(grad, tuple) else (grad,)
+        per_sample_elements = sum(v.numel() for v in self.params.values()) * 3 + sum(
+            t[0].numel() for t in self.inputs) * 8 + sum(g[0].numel() for g in grads) * 8
+        for part in _chunks(grads[0].shape[0], per_sample_elements):
+            per_sample = self._per_sample([t[part] for t in self.inputs], [g[part] for g in grads])
+            for name, value in per_sample.items():
+                self.diag[name] += _signed_square_sum(value, sign[part])
+
+    def result(self):
+        return dict(self.diag)
+
+
 # Layer class -> rule, looked up by EXACT class: a subclass may override ``forward`` (e.g. square the
-# output) and then the rule would be silently wrong, so subclasses are refused (``support.py``).
+# output), so it is traced through instead (``graph.py``) and its operations get their own rules.
 RULES: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], LayerRule]] = {
     nn.Linear: LinearRule,
     nn.Conv1d: ConvRule,
     nn.Conv2d: ConvRule,
     nn.BatchNorm1d: BatchNormRule,
     nn.BatchNorm2d: BatchNormRule,
+    nn.LayerNorm: LayerNormRule,
+    nn.GroupNorm: GroupNormRule,
+    nn.Embedding: EmbeddingRule,
 }
+# Of these, the classes whose output is linear in its parameters AND piecewise linear in its input
+# (eval mode): the ones the exact Hessian estimator accepts.
+PIECEWISE_LINEAR_RULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)
 
 
 def rule_for(module: nn.Module) -> Callable[..., LayerRule] | None:
@@ -259,5 +379,6 @@ def rule_for(module: nn.Module) -> Callable[..., LayerRule] | None:
     return RULES.get(type(module))
 
 
-__all__ = ["RULES", "LayerRule", "CacheBudget", "LinearRule", "ConvRule", "BatchNormRule", "rule_for",
+__all__ = ["RULES", "PIECEWISE_LINEAR_RULES", "LayerRule", "CacheBudget", "LinearRule", "ConvRule", "BatchNormRule",
+           "LayerNormRule", "GroupNormRule", "EmbeddingRule", "PerSampleRule", "rule_for",
            "CHUNK_ELEMENTS", "CACHE_ELEMENTS", "CHUNK_FLOOR", "CHUNK_SHARE", "CACHE_SHARE"]

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nfm_cli.curvature.rules import RULES
+from nfm_cli.curvature.graph import PER_SAMPLE_MODULES, CurvaturePlan, plan_curvature, trace
+from nfm_cli.curvature.rules import PIECEWISE_LINEAR_RULES, RULES
 from nfm_cli.errors import NfmError
 
 # Parameter-free modules that are piecewise linear in their input (in eval mode), by exact class.
@@ -73,6 +74,8 @@ QUOTIENT_METHODS = {"div", "div_"}
 # Methods and attributes giving shapes, not values: their results are constants.
 SHAPE_METHODS = {"size", "dim", "numel"}
 SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
+# Linear in their parameters (read directly or derived) and piecewise linear in the input (eval mode).
+LINEAR_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.batch_norm, F.embedding}
 # Calls on constants only are free, except random draws (a random forward has no fixed Hessian).
 RANDOM = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
           torch.randperm, torch.bernoulli, torch.normal, torch.multinomial, torch.poisson}
@@ -83,59 +86,6 @@ def refusal(name: str, module: nn.Module, why: str) -> NfmError:
     where = f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
     return NfmError(f"the exact Hessian diagonal needs a network that is piecewise linear in each weight; "
                     f"{where} {why}; use --estimator hutchinson (or finite-diff) for this model")
-
-
-class _Tracer(fx.Tracer):
-    """Leaves: rule layers, allow-listed modules and any other torch.nn module (refused as a node);
-    every other module (nn.Sequential, user and torchvision blocks) is traced through."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        kind = type(module)
-        if kind in RULES or kind in PIECEWISE_LINEAR_LEAVES:
-            return True
-        return kind.__module__.startswith(("torch.nn", "torch.ao.nn")) and kind is not nn.Sequential
-
-
-def _check_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Per-module checks (exact classes, eval mode, no shared or stray parameters); the rule layers."""
-    layers: dict[str, nn.Module] = {}
-    owners: dict[int, str] = {}
-    seen: dict[int, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        kind = type(module)
-        if kind in RULES:
-            if id(module) in seen:
-                raise refusal(name, module, f"is the same module as {seen[id(module)]!r} (shared weights "
-                                            "are not piecewise linear)")
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if module.training:
-                    raise refusal(name, module, "is in training mode (batch statistics); put the model in eval mode")
-                if module.running_mean is None:
-                    raise refusal(name, module, "uses batch statistics (track_running_stats=False)")
-            layers[name] = module
-        elif isinstance(module, DROPOUT) and module.training and module.p > 0:
-            raise refusal(name, module, "is in training mode (random masks); put the model in eval mode")
-        seen.setdefault(id(module), name)
-        for pname, param in module.named_parameters(recurse=False):
-            if kind not in RULES:
-                base = next((k for k in RULES if isinstance(module, k)), None)
-                if base is not None:
-                    raise refusal(name, module, f"is a subclass of {base.__name__}; the per-layer rules are keyed "
-                                                "by the exact class, since a subclass may compute something else")
-                raise refusal(name, module, f"has its own parameter {pname!r} outside a supported layer")
-            if id(param) in owners and owners[id(param)] != name:
-                raise refusal(name, module, f"shares parameter {pname!r} with {owners[id(param)]!r}")
-            owners[id(param)] = name
-    return layers
-
-
-def _trace(model: nn.Module) -> fx.Graph:
-    try:
-        return _Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise refusal("", model, f"cannot be traced with torch.fx to verify its forward "
-                                 f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
 
 
 def _qualified(target) -> str:
@@ -172,14 +122,18 @@ def _dropout_is_off(node: fx.Node) -> bool:
     return training is False or p == 0
 
 
-def _operation_problem(node: fx.Node, variable: set[fx.Node]) -> str | None:
-    """Why a call_function/call_method node with variable inputs is not piecewise linear (None: it is)."""
+def _operation_problem(node: fx.Node, variable: set[fx.Node], input_dependent: set[fx.Node]) -> str | None:
+    """Why a call_function/call_method node with variable inputs is not piecewise linear (None: it is).
+    A product is piecewise linear in each single weight when at most one factor depends on the input
+    (``x * gamma``: the parameter-derived factor's weights enter nowhere else, ``graph.py``)."""
     head, rest = _parts(node, variable)
     target = node.target
+    factors = len([n for n in head + rest if n in input_dependent]) + (
+        1 if not any(n in input_dependent for n in head + rest) else 0)
     if node.op == "call_method":
         if target in SUM_METHODS:
             return None
-        if target in PRODUCT_METHODS and len(head) + len(rest) <= 1:
+        if target in PRODUCT_METHODS and (len(head) + len(rest) <= 1 or factors <= 1):
             return None
         if target in QUOTIENT_METHODS and not rest:
             return None
@@ -189,7 +143,11 @@ def _operation_problem(node: fx.Node, variable: set[fx.Node]) -> str | None:
                "on the list of supported operations)"
     if target in SUM_FUNCTIONS:
         return None
-    if target in PRODUCT_FUNCTIONS and len(head) + len(rest) <= 1:
+    if target in PRODUCT_FUNCTIONS and (len(head) + len(rest) <= 1 or factors <= 1):
+        return None
+    if target in LINEAR_FUNCTIONS and all(n not in input_dependent for n in rest):
+        if target is F.batch_norm and _functional_training(node):
+            return "calls batch_norm with batch statistics; put the model in eval mode"
         return None
     if target in QUOTIENT_FUNCTIONS and not rest:
         return None
@@ -206,6 +164,10 @@ def _operation_problem(node: fx.Node, variable: set[fx.Node]) -> str | None:
            "on the list of supported operations)"
 
 
+def _functional_training(node: fx.Node) -> bool:
+    return node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False) is not False
+
+
 def _produces_constant(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in SHAPE_METHODS
@@ -213,28 +175,27 @@ def _produces_constant(node: fx.Node) -> bool:
 
 
 def _check_graph(model: nn.Module, graph: fx.Graph) -> None:
-    """Every node between the input and the logits is on the allow-list (module docstring)."""
-    variable: set[fx.Node] = set()
-    called: dict[str, int] = {}
+    """Every node between the input, the parameters and the logits is on the allow-list (module docstring)."""
+    variable: set[fx.Node] = set()            # depends on the input or on parameters
+    input_dependent: set[fx.Node] = set()
     params = dict(model.named_parameters())
     for node in graph.nodes:
         inputs_vary = any(n in variable for n in node.all_input_nodes)
         if node.op == "placeholder":
             variable.add(node)
+            input_dependent.add(node)
         elif node.op == "get_attr":
             if node.target in params:
-                path, owner = _where(node, model)
-                raise refusal(path, owner, f"reads parameter {node.target!r} outside its layer's forward")
+                variable.add(node)
         elif node.op == "call_module":
             module = model.get_submodule(node.target)
             kind = type(module)
-            if kind in RULES:
-                called[node.target] = called.get(node.target, 0) + 1
-                if called[node.target] > 1:
-                    raise refusal(node.target, module, "is called more than once per forward pass (shared weights)")
-            elif kind not in PIECEWISE_LINEAR_LEAVES:
+            if kind in RULES and kind not in PIECEWISE_LINEAR_RULES or kind in PER_SAMPLE_MODULES:
+                raise refusal(node.target, module, "is not piecewise linear in its input")
+            if kind not in RULES and kind not in PIECEWISE_LINEAR_LEAVES:
                 raise refusal(node.target, module, "is not piecewise linear (or not a supported layer type)")
             variable.add(node)
+            input_dependent.add(node)
         elif node.op in ("call_function", "call_method"):
             if not inputs_vary:
                 if node.target in RANDOM or node.target in ("uniform_", "normal_", "bernoulli_", "random_"):
@@ -243,19 +204,48 @@ def _check_graph(model: nn.Module, graph: fx.Graph) -> None:
                 continue
             if _produces_constant(node):
                 continue
-            problem = _operation_problem(node, variable)
+            problem = _operation_problem(node, variable, input_dependent)
             if problem is not None:
                 path, owner = _where(node, model)
                 raise refusal(path, owner, problem)
             variable.add(node)
+            if any(n in input_dependent for n in node.all_input_nodes):
+                input_dependent.add(node)
 
 
-def parameterised_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{qualified name: module} of the layers with a rule; raises ``NfmError`` naming the first
-    module or operation that keeps the model from being piecewise linear in each weight."""
-    layers = _check_modules(model)
-    _check_graph(model, _trace(model))
-    return layers
+def _check_dropout(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, DROPOUT) and module.training and module.p > 0:
+            raise refusal(name, module, "is in training mode (random masks); put the model in eval mode")
+
+
+def piecewise_linear_problem(model: nn.Module, graph: fx.Graph) -> NfmError | None:
+    """Why the traced ``graph`` is not piecewise linear in each weight, as the error ``exact`` raises
+    (None: it is, and the Gauss-Newton diagonal is the Hessian diagonal)."""
+    try:
+        _check_graph(model, graph)
+    except NfmError as problem:
+        return problem
+    return None
+
+
+def curvature_plan(model: nn.Module) -> CurvaturePlan:
+    """The parameter uses (``graph.plan_curvature``) with ``nonlinear`` filled in; raises ``NfmError``
+    for what neither exact estimator can handle (a parameter without a rule, dropout in training mode...)."""
+    _check_dropout(model)
+    graph = trace(model)
+    plan = plan_curvature(model, graph)
+    plan.nonlinear = piecewise_linear_problem(model, graph)
+    return plan
+
+
+def parameterised_layers(model: nn.Module) -> CurvaturePlan:
+    """The plan of the exact Hessian estimator; raises ``NfmError`` naming the first module or operation
+    that keeps the model from being piecewise linear in each weight."""
+    plan = curvature_plan(model)
+    if plan.nonlinear is not None:
+        raise plan.nonlinear
+    return plan
 
 
 def check_exact_supported(model: nn.Module) -> None:
@@ -263,4 +253,9 @@ def check_exact_supported(model: nn.Module) -> None:
     parameterised_layers(model)
 
 
-__all__ = ["PIECEWISE_LINEAR_LEAVES", "parameterised_layers", "check_exact_supported", "refusal"]
+def check_ggn_supported(model: nn.Module) -> None:
+    """Raise ``NfmError`` naming the first parameter operation the ggn estimator has no rule for."""
+    curvature_plan(model)
+
+__all__ = ["PIECEWISE_LINEAR_LEAVES", "parameterised_layers", "check_exact_supported", "check_ggn_supported",
+           "curvature_plan", "piecewise_linear_problem", "refusal"]

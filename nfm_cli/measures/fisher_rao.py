@@ -7,17 +7,18 @@ It needs the per-sample squared gradients (the empirical Fisher diagonal), not t
 
 Two ways to get them (``method``):
 
-* ``rules`` -- for every model the exact Hessian estimator accepts (``hessian/support.py``): the
-  per-sample gradient of a Linear/Conv/BatchNorm weight is an outer product of the layer's input and
-  the back-propagated gradient of L_z at the layer's output, so the exact diagonal's per-layer rules
-  (``hessian/rules.py``) give sum_z (dL_z/dtheta_i)^2 with the loss gradient dL_z/df as the single
+* ``rules`` -- for every model whose parameters all enter through operations with rules (what the
+  exact and ggn estimators accept, ``curvature/graph.py``; any graph between them): the per-sample
+  gradient of a Linear/Conv/BatchNorm/LayerNorm/Embedding weight is a closed form of the operation's
+  input and the back-propagated gradient of L_z at its output (other operations: ``PerSampleRule``),
+  so the per-operation rules (``curvature/rules.py``) give sum_z (dL_z/dtheta_i)^2 with the loss gradient dL_z/df as the single
   back-propagated direction: one forward and one backward pass per batch, no per-sample weight
   gradients from autograd. (In eval mode samples do not interact, so the gradient of sum_z L_z at a
   layer output is, row by row, the gradient of each L_z.)
 * ``vmap`` -- per-sample gradients with ``torch.func.vmap(grad(...))`` in chunks: any model; slower;
   the test oracle for ``rules``.
 
-``auto`` (default) uses ``rules`` when the exact estimator accepts the model and ``vmap`` otherwise.
+``auto`` (default) uses ``rules`` whenever they cover the model and ``vmap`` otherwise.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from nfm_cli.curvature.batch_size import auto_batch_size
-from nfm_cli.curvature.exact import layer_square_sums, parameterised_layers
+from nfm_cli.curvature.exact import layer_square_sums
 from nfm_cli.curvature.losses import per_sample_loss
+from nfm_cli.curvature.support import curvature_plan
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime.progress import ProgressFn, report
@@ -93,7 +95,7 @@ def squared_gradient_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     layers = None
     if method != "vmap":
         try:
-            layers = parameterised_layers(model)
+            layers = curvature_plan(model)
         except NfmError:
             if method == "rules":
                 raise

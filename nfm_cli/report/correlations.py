@@ -40,7 +40,9 @@ DEFAULT_MEASURES = summary_keys()     # the measures correlated by default
 MEASURES = measure_keys()                    # flatness / norm measures, in table and CSV column order
 DIAGNOSTICS = tuple(DIAGNOSTIC_KEYS)           # other top-level numbers of a result, not measures
 METRIC_NUMBERS = tuple(RUN_METRICS)
-METRIC_LABELS = LABEL_FIELDS                 # the run config fields kept as labels (store.train_config)
+# "estimator": the one that made the Hessian diagonals (exact, ggn, hutchinson...): runs of Hessian and
+# Gauss-Newton curvature are grouped apart whenever files differ (``group_runs``)
+METRIC_LABELS = (*LABEL_FIELDS, "estimator")
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
 
 EXACT_P_MAX_N = 8  # up to this many runs, p-values are exact permutation p-values (8! orderings)
@@ -121,6 +123,7 @@ def load_run(path: str | os.PathLike, y: str = "gap") -> dict[str, Any]:
     if not math.isfinite(_number(run.get(y))):
         raise NfmError(f"measures file has a non-finite {y!r} ({metrics.get(y, result.get(y))!r}; a diverged run?)",
                        path)
+    run["estimator"] = result.get("estimator") or (art.meta.get("config") or {}).get("estimator")
     run["path"] = str(path)
     return run
 
@@ -274,8 +277,12 @@ def check_outputs(plot_dir: str | os.PathLike | None, csv_path: str | os.PathLik
 
 
 def group_runs(runs: Sequence[dict], group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[tuple[dict, list[dict]]]:
-    """Split runs by the values of ``group_by`` (in first-seen order); () -> one group of all runs."""
+    """Split runs by the values of ``group_by`` (in first-seen order); () -> one group of all runs.
+    Runs made with different estimators (Hessian and Gauss-Newton numbers) are always split by
+    ``estimator`` as well, never mixed."""
     check_group_by(group_by)
+    if "estimator" not in group_by and len({run.get("estimator") for run in runs}) > 1:
+        group_by = (*group_by, "estimator")
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(_label(run.get(g)) for g in group_by), []).append(run)

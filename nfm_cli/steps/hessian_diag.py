@@ -44,14 +44,14 @@ import torch
 from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS, FD_SCALE
 from nfm_cli.choices import HESSIAN_SAVE_EVERY_SECONDS as SAVE_EVERY_SECONDS
 from nfm_cli.curvature.batch_size import auto_batch_size
-from nfm_cli.curvature.estimators import Estimator, make_estimator
-from nfm_cli.curvature.exact import check_exact_supported
+from nfm_cli.curvature.estimators import Estimator, make_estimator, resolve_estimator
 from nfm_cli.curvature.losses import LOSS_NAMES
+from nfm_cli.curvature.registry import DEFAULT_ESTIMATOR, uses_probes
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime import distributed, interrupt
 from nfm_cli.runtime.devices import resolve_device
-from nfm_cli.runtime.progress import ProgressFn, report
+from nfm_cli.runtime.progress import ProgressFn, note, report
 from nfm_cli.store.artifacts import COMPLETE, Artifact, has_completion_flag, is_complete, read_artifact, write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
 
@@ -85,7 +85,7 @@ HessianResult = HessianDiagonal   # the name compute_hessian_diagonal's result h
 # --------------------------------------------------------------------------------------------
 
 def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: str | os.PathLike, *,
-                             loss: str = "normalized-ce", estimator: str = "exact", probes: int | None = None,
+                             loss: str = "normalized-ce", estimator: str = DEFAULT_ESTIMATOR, probes: int | None = None,
                              samples: int | None = None, batch_size: int | None = None, seed: int = 0,
                              device: str = "auto", force: bool = False, finite_diff_scale: float = FD_SCALE,
                              progress: ProgressFn = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
@@ -93,8 +93,10 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     """Diagonal of the Hessian of the mean training loss of ``checkpoint`` (a path or a loaded
     ``Checkpoint``), written to ``out``; resumes a partial ``out`` and leaves a complete one alone.
 
+    ``estimator``: a registered one or ``auto`` (exact where the graph is piecewise linear, else ggn; the
+    choice and its reason go to ``progress`` as a note, the file records the estimator used);
     ``samples``: a seeded subset of the training set (default all); ``probes``: for hutchinson and
-    finite-diff (default 100; ignored by exact); ``batch_size``: default ``auto_batch_size``;
+    finite-diff (default 100; ignored by exact and ggn); ``batch_size``: default ``auto_batch_size``;
     ``force``: start over whatever is at ``out``. Raises ``NfmError`` for every problem the user can fix.
     """
     probes = check_hessian_options(loss=loss, estimator=estimator, probes=probes, samples=samples,
@@ -103,8 +105,6 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     ck = _complete_checkpoint(checkpoint, data_dir, out)
     model = ck.model
     model.eval()
-    if estimator == "exact":
-        check_exact_supported(model)
     ctx, dev = distributed.setup(resolve_device(device))    # world size 1 (no-op) without torchrun
     if not ctx.is_main:
         progress = None                     # rank 0 reports the global count
@@ -112,13 +112,16 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     x_all, y_all = ck.training_tensors(device="cpu")
     n_total = len(y_all)
     use = _sample_count(samples, n_total)
+    estimator, why = resolve_estimator(estimator, model)    # auto: exact or ggn, said once
+    if why is not None:
+        note(progress, why)
     if batch_size is None:          # a partial run keeps its batch size, whatever memory is free now
         batch_size = _partial_batch_size(out, force) or auto_batch_size(model, x_all[:1], estimator, use, dev)
         if ctx.active:              # ranks see different free memory: all take the smallest
             batch_size = -distributed.max_ints(ctx, [-batch_size])[0]
     batch_size = int(batch_size)
     config = {"loss": loss, "estimator": estimator, "samples": use, "probes": probes,
-              "seed": None if (estimator == "exact" and use == n_total) else int(seed),
+              "seed": None if (not uses_probes(estimator) and use == n_total) else int(seed),
               "finite_diff": ({"scale": float(finite_diff_scale), "rule": FD_RULE}
                               if estimator == "finite-diff" else None),
               "batch_size": batch_size}
@@ -219,10 +222,11 @@ def _run_and_write(ctx: distributed.Dist, est: Estimator, previous: Artifact | N
                            metrics, wall, sha, ck.sha256)
 
 
-def check_hessian_options(*, loss: str = "normalized-ce", estimator: str = "exact", probes: int | None = None,
+def check_hessian_options(*, loss: str = "normalized-ce", estimator: str = DEFAULT_ESTIMATOR, probes: int | None = None,
                           samples: int | None = None, batch_size: int | None = None,
                           finite_diff_scale: float = FD_SCALE) -> int | None:
-    """Refuse impossible options before any work; returns the probe count to use (None for exact)."""
+    """Refuse impossible options before any work; returns the probe count to use (None for the
+    estimators without probes, and for ``auto``, which picks one of them)."""
     _check_choice(loss, LOSS_NAMES, "loss")
     _check_choice(estimator, ESTIMATORS, "estimator")
     if batch_size is not None and int(batch_size) < 1:
@@ -231,8 +235,8 @@ def check_hessian_options(*, loss: str = "normalized-ce", estimator: str = "exac
         raise NfmError(f"samples must be at least 1, not {samples}")
     if estimator == "finite-diff" and not (finite_diff_scale > 0 and math.isfinite(finite_diff_scale)):
         raise NfmError(f"finite_diff_scale must be a positive number, not {finite_diff_scale}")
-    if estimator == "exact":
-        return None             # exact has no probes: the option is ignored
+    if not uses_probes(estimator):
+        return None             # no probes: the option is ignored
     probes = DEFAULT_PROBES if probes is None else int(probes)
     if probes < 1:
         raise NfmError(f"probes must be at least 1, not {probes}")
@@ -396,7 +400,7 @@ def _load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir) -> Ch
 def _progress(est: Estimator, units_done: int, done: bool) -> dict[str, Any]:
     info = {COMPLETE: done, "units_done": units_done, "units_total": est.units_total, "batches": est.batches,
             "batch_size": est.batch_size, "samples": est.n}
-    if est.name == "exact":
+    if not uses_probes(est.name):
         info["samples_done"] = min(est.n, units_done * est.batch_size)
     else:
         info["probes_done"] = units_done // (est.passes * est.batches)
@@ -406,8 +410,8 @@ def _progress(est: Estimator, units_done: int, done: bool) -> dict[str, Any]:
 def _report(progress: ProgressFn, est: Estimator, units_done: int) -> None:
     if progress is None:
         return
-    if est.name == "exact":
-        report(progress, "exact", min(est.n, units_done * est.batch_size), est.n, unit="samples")
+    if not uses_probes(est.name):
+        report(progress, est.name, min(est.n, units_done * est.batch_size), est.n, unit="samples")
         return
     per_probe = est.passes * est.batches
     probe, rest = divmod(units_done, per_probe)

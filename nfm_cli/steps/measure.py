@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from nfm_cli.choices import DEFAULT_PROBES, FD_SCALE, PRECISIONS, SOLVER_MAX_ITER, SOLVER_TOL
+from nfm_cli.curvature.estimators import resolve_estimator
+from nfm_cli.curvature.registry import DEFAULT_ESTIMATOR, uses_probes
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.compute import check_solver_options
@@ -23,7 +25,7 @@ from nfm_cli.measures.fisher_rao import FISHER_RAO_LOSS, fisher_rao_norm_of_chec
 from nfm_cli.measures.rivals import RivalOptions, rival_measures
 from nfm_cli.runtime import distributed
 from nfm_cli.runtime.devices import resolve_device
-from nfm_cli.runtime.progress import ProgressFn
+from nfm_cli.runtime.progress import ProgressFn, note
 from nfm_cli.steps.hessian_diag import (
     SAVE_EVERY_SECONDS,
     HessianDiagonal,
@@ -69,7 +71,7 @@ def intermediate_paths(out: Path, precision: str = "float32") -> dict[str, Path]
 
 
 def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                       estimator: str = "exact", samples: int | None = None, probes: int = DEFAULT_PROBES,
+                       estimator: str = DEFAULT_ESTIMATOR, samples: int | None = None, probes: int = DEFAULT_PROBES,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
                        precision: str = "float32", keep_intermediate: bool = True, tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER,
                        force: bool = False, rivals: bool = False, finite_diff_scale: float = FD_SCALE,
@@ -90,7 +92,11 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
     check_out_path(out)
     ck = load_checkpoint(checkpoint, data_dir, dtype=DTYPES[precision])
     refuse_diverged(ck)
-    options = {"estimator": estimator, "samples": samples, "probes": probes if estimator != "exact" else None,
+    ck.model.eval()
+    estimator, why = resolve_estimator(estimator, ck.model)     # auto: exact or ggn, said once
+    if why is not None and int(os.environ.get("RANK", "0")) == 0:
+        note(progress, why)
+    options = {"estimator": estimator, "samples": samples, "probes": probes if uses_probes(estimator) else None,
                "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision,
                "finite_diff_scale": finite_diff_scale if estimator == "finite-diff" else None}
     if out.exists() and not force:
@@ -104,7 +110,7 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                            "use --force to recompute it or choose another --out", out)
         if rivals and "rivals" not in art.meta["result"]:
             return _add_rivals(art, ck, samples, seed, resolve_device(device), progress)
-        return MeasureResult(out, "already complete", art.meta["result"], [])
+        return MeasureResult(out, "already complete", _with_estimator(art.meta["result"], art.meta), [])
     dev = resolve_device(device)
     paths = intermediate_paths(out, precision)
     hessians = {}
@@ -145,6 +151,12 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
             path.unlink(missing_ok=True)
     result.intermediates = list(paths.values()) if keep_intermediate else []
     return result
+
+
+def _with_estimator(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A finished file's result with the estimator that made it (files from before issue 20 have it in
+    their config only)."""
+    return {**result, "estimator": result.get("estimator") or (meta.get("config") or {}).get("estimator")}
 
 
 def _rival_result(ck: Checkpoint, samples: int | None, seed: int, device, progress: ProgressFn) -> dict[str, Any]:

@@ -67,6 +67,7 @@ def solve_variance(checkpoint: str | os.PathLike | Checkpoint, hdiag: str | os.P
     result["fisher_rao_norm"] = fisher_rao
     result["hessian_loss"] = h_art.config["loss"]
     result["trace_loss"] = trace_art.config["loss"]
+    result["estimator"] = h_art.config.get("estimator")      # exact/hutchinson: Hessian; ggn: Gauss-Newton
     result["metrics"] = checkpoint_metrics(ck)
     result.update(extra_result or {})
     for key, value in result.items():

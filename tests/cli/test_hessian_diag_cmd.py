@@ -10,6 +10,7 @@ import nfm_models as models
 from nfm_cli.curvature.batch_size import auto_batch_size
 from nfm_cli.curvature.exact import exact_diagonal
 from nfm_cli.errors import NfmError
+from nfm_cli.runtime.progress import NOTE
 from nfm_cli.steps.hessian_diag import compute_hessian_diagonal, read_hessian_diagonal
 from nfm_cli.steps.train import train
 from nfm_cli.store.artifacts import read_artifact
@@ -24,10 +25,13 @@ class Interrupt(Exception):
 
 
 def interrupt_after(units):
-    """A progress callback that raises once ``units`` progress events past the first have arrived."""
+    """A progress callback that raises once ``units`` progress events past the first have arrived
+    (notes, such as the estimator ``auto`` picked, are not progress)."""
     seen = []
 
     def callback(event):
+        if event.task == NOTE:
+            return
         seen.append(event)
         if len(seen) > units:
             raise Interrupt

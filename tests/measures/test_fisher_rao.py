@@ -9,7 +9,7 @@ import nfm_models as models
 from nfm_cli.curvature.losses import LOSS_NAMES
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.fisher_rao import fisher_rao_norm, squared_gradient_sums
-from tests.conftest import Functional, gelu_model, randomize_batchnorm, tiny_case
+from tests.conftest import MODERN, Functional, gelu_model, modern_case, randomize_batchnorm, tiny_case
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,13 +53,34 @@ def test_functional_forward_with_depthwise_conv_and_relu6():
         fisher_rao_norm(model, x, y, method="vmap"), rel=1e-11)
 
 
+@pytest.mark.parametrize("name", MODERN)
+def test_rules_cover_modern_models_with_anything_between_the_parameter_operations(name):
+    """ViT, token transformer, ConvNeXt and MobileNetV3-like models: the rules, no vmap (issue 20)."""
+    model, x, y = modern_case(name)
+    rules = squared_gradient_sums(model, x, y, batch_size=4, method="rules")
+    oracle = squared_gradient_sums(model, x, y, batch_size=5, method="vmap")
+    for n in oracle:
+        torch.testing.assert_close(rules[n], oracle[n], rtol=1e-10, atol=1e-14 * float(oracle[n].abs().max()))
+
+
+class Bilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, 4))
+
+    def forward(self, x):
+        return torch.nn.functional.bilinear(x, x, self.weight)
+
+
 def test_a_model_the_rules_cannot_take_falls_back_to_vmap():
     torch.manual_seed(0)
-    model = gelu_model().double().eval()
+    model = Bilinear().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
-    with pytest.raises(NfmError, match=r"GELU"):
+    with pytest.raises(NfmError, match=r"bilinear"):
         squared_gradient_sums(model, x, y, method="rules")
     assert fisher_rao_norm(model, x, y) == pytest.approx(fisher_rao_norm(model, x, y, method="vmap"), rel=1e-14)
+    gelu = gelu_model().double().eval()
+    assert fisher_rao_norm(gelu, x, y) == pytest.approx(fisher_rao_norm(gelu, x, y, method="vmap"), rel=1e-11)
 
 
 def test_unused_layer_and_frozen_parameters():
