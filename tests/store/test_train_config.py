@@ -122,4 +122,5 @@ def test_derived_lists_keep_the_orders_of_before():
     assert set(RESULT_FIELDS) == {"model", "dataset", "seed", "train_size", "test_size", "epochs", "width", "depth",
                                   "lr", "batch_size", "optimizer", "momentum", "weight_decay", "stop_at_loss",
                                   "warmup_epochs"}
-    assert csv_columns([])[-len(LABEL_FIELDS) - 1:] == [*LABEL_FIELDS, "path"]
+    # the estimator column (issue 20: Hessian and Gauss-Newton runs told apart) follows the labels
+    assert csv_columns([])[-len(LABEL_FIELDS) - 2:] == [*LABEL_FIELDS, "estimator", "path"]
