@@ -26,11 +26,12 @@ from torch import fx, nn
 
 from nfm_cli.choices import RESCALE_MODES as MODES
 from nfm_cli.errors import NfmError
+from nfm_cli.measures.matrices import RESCALABLE
 from nfm_cli.runtime.rng import keyed_generator
 from nfm_cli.store.artifacts import write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+WEIGHT_LAYERS = RESCALABLE         # measures.matrices: the layers rescaled neuron by neuron
 # modules f with f(alpha x) = alpha f(x) for alpha > 0, applied per channel
 HOMOGENEOUS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
 CHECK_SAMPLES = 256
