@@ -1,7 +1,8 @@
 """Flatness measures of one checkpoint from its Hessian diagonal(s): the normalized sharpness and its rivals.
 
-Per weight matrix (Linear ``[out, in]``; Conv ``[out, in, kh, kw]`` with h and W^2 summed over the
-kernel positions, Sec. 5.3; a grouped conv as its block-diagonal [out, in] matrix), with h the
+Per weight matrix (``matrices.py``: Linear ``[out, in]``; Conv ``[out, in, kh, kw]`` with h and W^2 summed
+over the kernel positions, Sec. 5.3; a grouped conv as its block-diagonal [out, in] matrix; attention's
+Q/K/V; Embedding), with h the
 Hessian diagonal of the ``normalized-ce`` loss (20)-(22) clipped at 0 (Algorithm 1) and lambda = 1/2:
 
 - ``normalized_sharpness``: sum over layers of S_l, the minimum of (17) (``variance.solve_layer``);
@@ -29,16 +30,9 @@ from torch import nn
 
 from nfm_cli.choices import SOLVER_MAX_ITER, SOLVER_TOL
 from nfm_cli.errors import NfmError
+from nfm_cli.measures.matrices import WeightMatrix, weight_matrices
 from nfm_cli.measures.variance import LayerSolution, matrix_normalized_layer, solve_layer, to_matrix
 from nfm_cli.runtime.progress import ProgressFn, report
-
-WEIGHT_MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def weight_matrices(model: nn.Module) -> dict[str, nn.Module]:
-    """``{parameter name of the weight: layer}`` for every Linear/Conv layer, in model order."""
-    return {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
-            if isinstance(module, WEIGHT_MATRIX_LAYERS)}
 
 
 def spectral_norm(matrix: torch.Tensor) -> float:
@@ -75,9 +69,10 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
     layers: dict[str, dict[str, Any]] = {}
     sigmas: dict[str, torch.Tensor] = {}
     masses: list[tuple[float, float]] = []
-    for index, (name, layer) in enumerate(matrices.items()):
-        layers[name], solution, mass = _layer_measures(layer, params[name], hdiag[name], trace_hdiag[name],
-                                                       tol, max_iter)
+    for index, (name, matrix) in enumerate(matrices.items()):
+        layers[name], solution, mass = _layer_measures(matrix, matrix.take(params[matrix.param]),
+                                                       matrix.take(hdiag[matrix.param]),
+                                                       matrix.take(trace_hdiag[matrix.param]), tol, max_iter)
         sigmas[f"sigma_row.{name}"] = solution.sigma_row
         sigmas[f"sigma_col.{name}"] = solution.sigma_col
         masses.append(mass)
@@ -85,20 +80,20 @@ def compute_measures(model: nn.Module, hdiag: dict[str, torch.Tensor],
     return Measures(_summary(layers, masses, params, matrices, trace_hdiag), sigmas)
 
 
-def _layer_measures(layer: nn.Module, param: torch.Tensor, h_param: torch.Tensor, trace_param: torch.Tensor,
+def _layer_measures(matrix: WeightMatrix, param: torch.Tensor, h_param: torch.Tensor, trace_param: torch.Tensor,
                     tol: float, max_iter: int) -> tuple[dict[str, Any], LayerSolution, tuple[float, float]]:
     """One weight matrix: its row of the per-layer table, the solution of (17), and the (negative,
     absolute) mass of its raw diagonal."""
     weight = param.detach().to("cpu", torch.float64)
     h_raw = h_param.to("cpu", torch.float64)
-    groups = getattr(layer, "groups", 1)
+    groups = matrix.groups
     w2, h = to_matrix(weight, h_raw, groups)
     solution: LayerSolution = solve_layer(w2, h, tol=tol, max_iter=max_iter)
     neg = float(h_raw.clamp_max(0).abs().sum())
     # a grouped conv is block diagonal: its spectral norm is the largest of its blocks'
     spectral = max(spectral_norm(block.reshape(block.shape[0], -1)) for block in weight.chunk(groups))
     row = {
-        "type": type(layer).__name__, "shape": list(weight.shape), "groups": groups,
+        "type": matrix.kind, "shape": list(weight.shape), "groups": groups,
         "normalized_sharpness": solution.value, "matrix_normalized_sharpness": matrix_normalized_layer(w2, h),
         "hessian_trace": float(trace_param.double().sum()),
         "frobenius_norm_sq": float(w2.sum()), "spectral_norm": spectral,
@@ -119,18 +114,18 @@ def _running_sum(values) -> float:
 
 
 def _summary(layers: dict[str, dict[str, Any]], masses: list[tuple[float, float]], params: dict[str, Any],
-             matrices: dict[str, nn.Module], trace_hdiag: dict[str, torch.Tensor]) -> dict[str, Any]:
+             matrices: dict[str, WeightMatrix], trace_hdiag: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The totals over weight matrices, the traces, the diagnostics and the per-layer table."""
     rows = list(layers.values())
     negative_mass = _running_sum(neg for neg, _ in masses)
     abs_mass = _running_sum(total for _, total in masses)
     log_spectral = _running_sum(math.log(r["spectral_norm"]) if r["spectral_norm"] > 0 else -math.inf for r in rows)
-    in_matrices = sum(params[name].numel() for name in matrices)
+    in_matrices = sum(m.take(params[m.param]).numel() for m in matrices.values())
     return {
         "normalized_sharpness": _running_sum(r["normalized_sharpness"] for r in rows),
         "matrix_normalized_sharpness": _running_sum(r["matrix_normalized_sharpness"] for r in rows),
         "hessian_trace": float(sum(t.double().sum() for t in trace_hdiag.values())),
-        "hessian_trace_weights": float(sum(trace_hdiag[name].double().sum() for name in matrices)),
+        "hessian_trace_weights": float(sum(m.take(trace_hdiag[m.param]).double().sum() for m in matrices.values())),
         "clipped_fraction": negative_mass / abs_mass if abs_mass > 0 else 0.0,
         "frobenius_norm_sq": _running_sum(r["frobenius_norm_sq"] for r in rows),
         # a zero matrix makes the product 0 (log undefined: None); past float range: None, log kept

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from nfm_cli.choices import RESCALE_MODES as MODES
 from nfm_cli.errors import NfmError
+from nfm_cli.measures.matrices import RESCALABLE
 from nfm_cli.runtime.rng import keyed_generator
 from nfm_cli.store.artifacts import write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, load_checkpoint
@@ -38,7 +39,7 @@ from nfm_cli.symmetries.attention import KNOWN_NAMES, find_attention
 from nfm_cli.symmetries.layernorm import find_layernorm_consumers
 from nfm_cli.symmetries.scaling import apply_scalings
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+WEIGHT_LAYERS = RESCALABLE         # measures.matrices: the layers rescaled neuron by neuron
 # modules f with f(alpha x) = alpha f(x) for alpha > 0, applied per channel
 HOMOGENEOUS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
 CHECK_SAMPLES = 256

@@ -8,8 +8,9 @@ from torch import nn
 
 import nfm_models as models
 from nfm_cli.curvature.exact import exact_diagonal
-from nfm_cli.measures.compute import compute_measures, weight_matrices
+from nfm_cli.measures.compute import compute_measures
 from nfm_cli.measures.fisher_rao import fisher_rao_norm
+from nfm_cli.measures.matrices import weight_matrices
 from nfm_cli.measures.variance import solve_layer, to_matrix
 from nfm_cli.steps.rescale import rescale_model
 
@@ -42,15 +43,15 @@ def test_layer_values_come_from_the_solver():
     h = exact_diagonal(model, x, y, "normalized-ce")
     summary = compute_measures(model, h).summary
     total = 0.0
-    for name, layer in weight_matrices(model).items():
-        w2, hh = to_matrix(layer.weight.detach(), h[name])
+    params = dict(model.named_parameters())
+    for name, matrix in weight_matrices(model).items():
+        w2, hh = to_matrix(params[matrix.param].detach(), h[name])
         assert summary["layers"][name]["normalized_sharpness"] == pytest.approx(solve_layer(w2, hh).value, rel=1e-12)
         assert summary["layers"][name]["normalized_sharpness"] <= summary["layers"][name]["matrix_normalized_sharpness"] * (1 + 1e-12)
         total += solve_layer(w2, hh).value
     assert summary["normalized_sharpness"] == pytest.approx(total, rel=1e-12)
-    params = sum(p.numel() for p in model.parameters())
-    assert summary["params_in_matrices"] + summary["params_left_out"] == params
-    assert summary["params_left_out"] == sum(m.bias.numel() for m in weight_matrices(model).values())
+    assert summary["params_in_matrices"] + summary["params_left_out"] == sum(p.numel() for p in model.parameters())
+    assert summary["params_left_out"] == sum(p.numel() for n, p in params.items() if n.endswith(".bias"))
     assert summary["hessian_trace"] == pytest.approx(sum(float(v.sum()) for v in h.values()), rel=1e-12)
     neg = sum(float(h[n].clamp_max(0).abs().sum()) for n in weight_matrices(model))
     mass = sum(float(h[n].abs().sum()) for n in weight_matrices(model))
