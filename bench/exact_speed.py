@@ -76,9 +76,11 @@ def main() -> None:
     for _ in range(args.repeats):
         for model in args.models.split(","):
             for label, root in (("before", args.before), ("after", args.after)):
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(root), os.environ.get("PYTHONPATH", "")])}
-                out = subprocess.run([sys.executable, __file__, "--before", args.before, "--child", model,
-                                      "--samples", str(args.samples)], env=env, check=True, capture_output=True, text=True)
+                path = os.pathsep.join([os.path.abspath(root), os.environ.get("PYTHONPATH", "")])
+                env = {**os.environ, "PYTHONPATH": path}
+                child = [sys.executable, __file__, "--before", args.before, "--child", model,
+                         "--samples", str(args.samples)]
+                out = subprocess.run(child, env=env, check=True, capture_output=True, text=True)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 row["load"] = os.getloadavg()[0]
                 results.setdefault((model, label), []).append(row)
@@ -88,7 +90,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for (model, label), rows in results.items():
         loads = ", ".join(f"{r['load']:.1f}" for r in rows)
-        print(f"| {model} | {label} | {fmt([r['gradient'] for r in rows])} | {fmt([r['exact'] for r in rows], digits=2)} | "
+        print(f"| {model} | {label} | {fmt([r['gradient'] for r in rows])} | "
+              f"{fmt([r['exact'] for r in rows], digits=2)} | "
               f"{fmt([r['ratio'] for r in rows], digits=1)}x | {max(r['peak_rss_mb'] for r in rows):.0f} | "
               f"{loads} |")
 

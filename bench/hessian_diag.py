@@ -9,9 +9,9 @@ training samples with ``nfm train``, then times side by side, interleaved, --rep
 
 and reports each as a ratio to the gradient and the max relative difference exact vs BackPACK.
 Times are the median and interquartile range of --repeats interleaved runs; ``--markdown FILE``
-replaces this script's section of FILE in place. ``--stochastic`` adds hutchinson and finite-diff at --probes probes (time and relative L2 error
-against exact); ``--finite-diff-scan mlp:100,lenet:100`` the finite-diff error for several radius
-scales c (r_t = c * rms(theta_t)).
+replaces this script's section of FILE in place. ``--stochastic`` adds hutchinson and finite-diff at
+--probes probes (time and relative L2 error against exact); ``--finite-diff-scan mlp:100,lenet:100`` the finite-diff
+error for several radius scales c (r_t = c * rms(theta_t)).
 
     python bench/hessian_diag.py --stochastic --finite-diff-scan mlp:100,mlp:1000,lenet:100 --markdown BENCHMARKS.md
     python bench/hessian_diag.py --torchrun --repeats 3 --markdown BENCHMARKS.md   # the torchrun section
@@ -40,7 +40,8 @@ from nfm_cli.steps.train import TrainConfig, train  # noqa: E402
 from nfm_cli.store.checkpoint import load_checkpoint  # noqa: E402
 
 SECTION = "## Hessian diagonal (`bench/hessian_diag.py`)"
-TORCHRUN_SECTION = "## Sharded `hessian-diag` with torchrun, 1 vs 2 processes on the CPU (`bench/hessian_diag.py --torchrun`)"
+TORCHRUN_SECTION = ("## Sharded `hessian-diag` with torchrun, 1 vs 2 processes on the CPU "
+                    "(`bench/hessian_diag.py --torchrun`)")
 SCAN_HEADING = "### Finite-difference radius scan"
 
 

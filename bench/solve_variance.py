@@ -127,7 +127,7 @@ def main() -> int:
     sgd_total = 0.0
     worst_gap = 0.0
     all_reached = True
-    for k, ((name, shape), (w2, h), sol, t_ours) in enumerate(zip(shapes, mats, sols, per_layer)):
+    for k, ((name, shape), (w2, h), sol, t_ours) in enumerate(zip(shapes, mats, sols, per_layer, strict=True)):
         cap_layer = (args.cap - sgd_total) / (len(mats) - k)  # unused time rolls over to later layers
         t, steps, best = adam_route(w2, h, sol.value, args.gap, cap_layer, args.lr)
         gap = (best - sol.value) / sol.value if sol.value > 0 else best
@@ -141,8 +141,9 @@ def main() -> int:
     ratio = sgd_total / ours
     ratio_s = f"{'>' if not all_reached else ''}{ratio:.0f}x"
     lines = [
-        "Exact block sweeps + Newton in log space (`nfm_cli/measures/variance.py`) versus the paper's Algorithm 1 route "
-        "(gradient descent on (log a, log b), here Adam), all weight matrices of WRN-16-4 for CIFAR-10. Our "
+        "Exact block sweeps + Newton in log space (`nfm_cli/measures/variance.py`) versus the paper's "
+        "Algorithm 1 route (gradient descent on (log a, log b), here Adam), all weight matrices of WRN-16-4 "
+        "for CIFAR-10. Our "
         f"times: median [interquartile range] of {args.repeat} runs over all layers; the Adam route runs once "
         "(it takes minutes).", "",
         f"- command: `{command()}`",

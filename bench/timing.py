@@ -10,15 +10,16 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def interleaved(functions: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+def interleaved(functions: dict[str, Callable[[], object]], repeats: int,
+                warmup: bool = True) -> dict[str, list[float]]:
     """Seconds per call, A, B, C, A, B, C, ... ``repeats`` rounds (after one warm-up call each), so a
     change in machine load hits every function alike."""
     if warmup:

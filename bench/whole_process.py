@@ -207,7 +207,10 @@ def update_markdown(path: Path, text: str, note: str) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     block = text + (f"\n{note}\n" if note else "")
     pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: block.rstrip("\n") + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block.rstrip("\n") + "\n", old)
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
     path.write_text(new)
 
 

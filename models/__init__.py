@@ -11,7 +11,8 @@ A checkpoint stores the registry name and the constructor's keyword arguments, s
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn

@@ -27,7 +27,8 @@ from nfm_cli.steps.train import _evaluate
 def measure_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, x_test: torch.Tensor | None = None,
                   y_test: torch.Tensor | None = None, estimator: str = DEFAULT_ESTIMATOR, samples: int | None = None,
                   probes: int = DEFAULT_PROBES, batch_size: int | None = None, seed: int = 0,
-                  tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER, progress: ProgressFn = None) -> dict[str, Any]:
+                  tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER,
+                  progress: ProgressFn = None) -> dict[str, Any]:
     """Normalized sharpness and its rivals of ``model`` on the training data ``(x, y)``, in memory.
 
     ``x``: inputs as the model takes them; ``y``: int64 labels the model was trained on (on the model's

@@ -27,6 +27,6 @@ REPORT_GROUP_BY = ("model", "dataset")                   # report: run fields th
 SOLVER_TOL = 1e-10                                       # measures.variance: relative tolerance of (17)
 SOLVER_MAX_ITER = 10_000                                 # measures.variance: block sweeps per layer at most
 
-__all__ = ["DATASETS", "DEFAULT_ESTIMATOR", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "HESSIAN_SAVE_EVERY_SECONDS", "LOSS_NAMES",
-           "OPTIMIZERS", "PRECISIONS", "REPORT_GROUP_BY", "RESCALE_MODES", "SOLVER_MAX_ITER", "SOLVER_TOL",
-           "TRAIN_SAVE_EVERY_SECONDS", "estimators_help"]
+__all__ = ["DATASETS", "DEFAULT_ESTIMATOR", "DEFAULT_PROBES", "ESTIMATORS", "FD_SCALE", "HESSIAN_SAVE_EVERY_SECONDS",
+           "LOSS_NAMES", "OPTIMIZERS", "PRECISIONS", "REPORT_GROUP_BY", "RESCALE_MODES", "SOLVER_MAX_ITER",
+           "SOLVER_TOL", "TRAIN_SAVE_EVERY_SECONDS", "estimators_help"]

@@ -71,7 +71,7 @@ class Flat:
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = vector.split([math.prod(s) for s in self.shapes])
-        return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
+        return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def logits(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, self.unflatten(vector), (x,))

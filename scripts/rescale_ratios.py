@@ -39,5 +39,5 @@ if __name__ == "__main__":
     folders = [Path(p) for p in sys.argv[1:]]
     if not folders or len(folders) % 2:
         sys.exit(__doc__)
-    for original, rescaled in zip(folders[::2], folders[1::2]):
+    for original, rescaled in zip(folders[::2], folders[1::2], strict=True):
         print("\n".join(ratios(original, rescaled)))

@@ -7,8 +7,8 @@ import math
 import os
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -261,7 +261,7 @@ def spot_diagonal(model, x, y, loss, per_tensor=6, seed=0, only=None):
     value = mean_loss(functional_call(model, {**buffers, **params}, (x,)), y, loss)
     grads = torch.autograd.grad(value, list(params.values()), create_graph=True)
     picks = {}
-    for (name, p), g in zip(params.items(), grads):
+    for (name, p), g in zip(params.items(), grads, strict=True):
         idx = torch.randint(0, p.numel(), (per_tensor,), generator=gen)
         if only is not None and name not in only:
             continue

@@ -25,7 +25,8 @@ except ImportError:  # before the models package was renamed
 
 
 def idx(path):
-    data = gzip.open(path).read()
+    with gzip.open(path) as f:
+        data = f.read()
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -45,7 +46,7 @@ def main():
     x = (torch.from_numpy(images.copy()).float().div(255).unsqueeze(1) - 0.2860) / 0.3530
     loss_fn = extend(torch.nn.CrossEntropyLoss())
     total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for xb, yb in zip(x.split(batch), labels.split(batch)):
+    for xb, yb in zip(x.split(batch), labels.split(batch), strict=True):
         model.zero_grad()
         loss = loss_fn(model(xb), yb)
         with backpack(DiagGGNExact()):

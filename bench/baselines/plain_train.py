@@ -15,7 +15,8 @@ from torch import nn
 
 
 def idx(path):
-    data = gzip.open(path).read()
+    with gzip.open(path) as f:
+        data = f.read()
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -36,7 +37,7 @@ def main():
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                           nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         for idx_ in torch.randperm(n).split(128):
             loss = F.cross_entropy(model(x[idx_]), y[idx_])

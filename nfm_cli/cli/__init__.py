@@ -15,7 +15,6 @@ import gc
 import os
 import signal
 import sys
-from typing import Optional
 
 import typer
 import typer._click as typer_click
@@ -51,10 +50,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
-    threads: Optional[int] = typer.Option(None, "--threads", envvar="NFM_THREADS", min=1,
+    threads: int | None = typer.Option(None, "--threads", envvar="NFM_THREADS", min=1,
                                           help="CPU threads for the math (default: one per core). With several "
                                           "jobs side by side give each cores/jobs, e.g. NFM_THREADS=1 for "
                                           "`xargs -P $(nproc)`."),
@@ -147,7 +146,7 @@ def _plain_flags(command: typer_click.Command) -> typer_click.Command:
     return command
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``nfm`` script and ``python -m nfm_cli``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None:    # the process's entry point (nfm, python -m nfm_cli): at exit, no garbage collection
@@ -155,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     debug = "--debug" in args or os.environ.get("NFM_DEBUG", "") not in ("", "0")
     command = _plain_flags(typer.main.get_command(app))
     if _torchrun_rank() > 0:            # under torchrun only rank 0 prints (errors still go to stderr)
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
         from nfm_cli.cli.render import console
         console.quiet = True
     previous_handlers = interrupt.install()   # SIGINT/SIGTERM -> Interrupted: loops save, then stop

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,22 +25,22 @@ def import_command(
                              "tensors:FILE.safetensors (train.x, train.y, test.x, test.y, preprocessed); or "
                              "imagefolder:DIR (DIR/train and DIR/test or DIR/val, one folder per class)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (refused if it exists, unless --force)."),
-    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="KEY=VALUE passed to the model's "
+    model_arg: list[str] | None = typer.Option(None, "--model-arg", help="KEY=VALUE passed to the model's "
                                                   "constructor, repeatable; VALUE is a JSON literal when it parses "
                                                   "as one (10, 0.5, true, [1,2]), else a string."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", help="Seeded subset of the training split "
+    train_size: int | None = typer.Option(None, "--train-size", help="Seeded subset of the training split "
                                              "(the samples later steps measure on; default: all)."),
-    test_size: Optional[int] = typer.Option(None, "--test-size", help="Seeded subset of the test split for "
+    test_size: int | None = typer.Option(None, "--test-size", help="Seeded subset of the test split for "
                                             "the test accuracy (default: all)."),
     seed: int = typer.Option(0, help="Seed for the --train-size and --test-size subsets."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="safetensors file with one int64 vector: the "
+    labels: Path | None = typer.Option(None, "--labels", help="safetensors file with one int64 vector: the "
                                           "labels the model was trained on, one per training sample (default: "
                                           "the dataset's)."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="imagefolder: resize the shorter side to this."),
-    crop: Optional[int] = typer.Option(None, "--crop", help="imagefolder: center crop to this square size."),
-    normalize: Optional[str] = typer.Option(None, "--normalize", help="imagefolder: MEAN,STD, or per channel "
+    resize: int | None = typer.Option(None, "--resize", help="imagefolder: resize the shorter side to this."),
+    crop: int | None = typer.Option(None, "--crop", help="imagefolder: center crop to this square size."),
+    normalize: str | None = typer.Option(None, "--normalize", help="imagefolder: MEAN,STD, or per channel "
                                             "m1,m2,m3,s1,s2,s3 (applied after scaling pixels to [0, 1])."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with a registered dataset's files "
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder with a registered dataset's files "
                                             "(searched before $NFM_DATA and /usr/share/datasets/<name>)."),
     device: Device = "auto",
     force: Force = False,

@@ -20,7 +20,8 @@ SHOWN_TENSORS = 40
 
 @command("inspect", STEPS)
 def inspect_command(
-    file: Path = typer.Argument(..., metavar="FILE", help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
+    file: Path = typer.Argument(..., metavar="FILE",
+                                help="Any nfm artifact: checkpoint, hessian-diag or measures file."),
     as_json: Json = False,
     layers: Annotated[bool, flag("--layers", help="Measures files: also the per-layer table.")] = False,
     all_tensors: Annotated[bool, flag("--all", help=f"List every tensor (default: the first {SHOWN_TENSORS}, "

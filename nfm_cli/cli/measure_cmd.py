@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -49,7 +48,7 @@ def finish(result, as_json: bool, quiet: bool = False) -> None:
 @command("measure", WORKFLOW)
 def measure_command(
     checkpoint: CheckpointArg,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Measures file (default: CKPT's name with "
+    out: Path | None = typer.Option(None, "--out", "-o", help="Measures file (default: CKPT's name with "
                                        ".measures.safetensors, next to it)."),
     estimator: EstimatorOpt = Estimator(DEFAULT_ESTIMATOR),
     samples: Samples = None,

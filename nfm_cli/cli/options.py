@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -65,11 +65,11 @@ Json = Annotated[bool, flag("--json", help="Print one JSON object on stdout inst
 Force = Annotated[bool, flag("--force", help="Start over, replacing whatever is at the output path.")]
 Seed = Annotated[int, typer.Option(help="Seed of the probes and of the --samples subset.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files, if not where "
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder with the dataset files, if not where "
                                                  "the checkpoint was trained.")]
-Samples = Annotated[Optional[int], typer.Option(min=1, help="Use a seeded subset of this many training samples "
+Samples = Annotated[int | None, typer.Option(min=1, help="Use a seeded subset of this many training samples "
                                                 "(default: the whole training set as trained).")]
-BatchSize = Annotated[Optional[int], typer.Option(
+BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", min=1, help="Samples per batch: more is faster and uses more memory; the result changes only "
     "at rounding level. Default: the largest power of two <= 512 whose activations fit about 2 GiB (MLP/LeNet "
     "512, WRN-16-4 64).")]
@@ -86,7 +86,7 @@ Tol = Annotated[float, typer.Option(callback=positive, help="Solver tolerance: s
                                     "objective change and the optimality residual are below it.")]
 MaxIter = Annotated[int, typer.Option("--max-iter", min=1, help="Solver iteration cap per layer.")]
 
-__all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "DEFAULT_ESTIMATOR", "Device", "Estimator", "EstimatorOpt",
-           "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "HESSIAN_SAVE_EVERY_SECONDS", "Json", "Loss",
-           "MaxIter", "Mode", "Model", "Optimizer", "Precision", "Probes", "Quiet", "Samples", "SaveEvery", "Seed",
-           "SOLVER_MAX_ITER", "SOLVER_TOL", "Tol", "flag", "positive"]
+__all__ = ["BatchSize", "CheckpointArg", "DataDir", "Dataset", "DEFAULT_ESTIMATOR", "Device", "Estimator",
+           "EstimatorOpt", "DEFAULT_PROBES", "FD_SCALE", "FiniteDiffScale", "Force", "HESSIAN_SAVE_EVERY_SECONDS",
+           "Json", "Loss", "MaxIter", "Mode", "Model", "Optimizer", "Precision", "Probes", "Quiet", "Samples",
+           "SaveEvery", "Seed", "SOLVER_MAX_ITER", "SOLVER_TOL", "Tol", "flag", "positive"]

@@ -7,8 +7,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -108,7 +109,8 @@ class LogLines:
         if event.task == "batch" and "epoch" in info:
             label = f"epoch {info['epoch']}/{info.get('epochs', '?')} batch"
         text = f"{label} {event.done}/{event.total}" + (f" {unit}" if unit else "")
-        text += "".join(f" {k} {number(v, 3)}" for k, v in info.items() if k not in ("epoch", "epochs") and v is not None)
+        text += "".join(f" {k} {number(v, 3)}" for k, v in info.items()
+                        if k not in ("epoch", "epochs") and v is not None)
         text += f" elapsed {_duration(now - self.created)}" + (f" eta {_duration(eta)}" if eta is not None else "")
         self._line(text)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,25 +17,26 @@ from nfm_cli.measures.registry import summary_keys
 from nfm_cli.store.train_config import LABEL_FIELDS
 
 
-def _split(values: Optional[list[str]]) -> list[str]:
+def _split(values: list[str] | None) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part.strip()]
 
 
 @command("report", WORKFLOW, uses_torch=False)
 def report_command(
-    files: list[Path] = typer.Argument(..., metavar="FILES...", help="Measures files (from `nfm measure` / `nfm solve-variance`); "
+    files: list[Path] = typer.Argument(..., metavar="FILES...",
+                                       help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
-    x: Optional[list[str]] = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
+    x: list[str] | None = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
                                           f"Default: {','.join(summary_keys())}."),
     y: str = typer.Option("gap", "--y", help="What the measures should predict (default: the generalization gap, "
                           "train accuracy - test accuracy)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
+    plot: Path | None = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
                                         "figure1.png) into this folder (created if missing)."),
     real_x: bool = typer.Option(False, "--real-x", help="Plot each measure's own values on the x axis "
                                 "(default: rescaled to [0, 1] by its min and max, as in the paper)."),
     log_x: bool = typer.Option(False, "--log-x", help="Plot each measure's own values on a log x axis "
                                "(runs with values <= 0 are left out and counted in the label)."),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
     as_json: Json = False,
     group_by: str = typer.Option(",".join(REPORT_GROUP_BY), "--group-by",
                                  help=f"Comma-separated run fields to split groups by ({', '.join(LABEL_FIELDS)}), "
@@ -47,7 +47,7 @@ def report_command(
                                   "sign error (max, 90th percentile); see README."),
     bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="With --protocol: bootstrap replicates over "
                                   "seeds for the 95% intervals (when the runs have several seeds; 0: none)."),
-    max_train_loss: Optional[float] = typer.Option(None, "--max-train-loss", callback=positive,
+    max_train_loss: float | None = typer.Option(None, "--max-train-loss", callback=positive,
                                                    metavar="LOSS", help="Leave out (as skipped, with the reason) "
                                                    "runs whose final training loss is above LOSS, as Jiang et al. "
                                                    "2020 leave out models that did not reach their stopping "

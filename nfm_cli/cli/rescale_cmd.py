@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,13 +17,14 @@ def rescale_command(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the rescaled checkpoint."),
     mode: Mode = typer.Option(..., help="layer (Dinh et al.: alpha W_k, W_k+1 / alpha), neuron (Sec. 5.1: "
                              "row i / alpha_i, column i * alpha_i, every hidden unit) or bn (conv feeding "
-                             "BatchNorm, running statistics adjusted), attention (per head dimension: query x a, key x 1/a, "
-                             "value x b, output column x 1/b), layernorm (gain and bias x c, the Linear "
+                             "BatchNorm, running statistics adjusted), attention (per head dimension: "
+                             "query x a, key x 1/a, value x b, output column x 1/b), layernorm (gain and "
+                             "bias x c, the Linear "
                              "layers that alone consume the norm x 1/c) or all (every one of these the "
                              "model has)."),
-    alpha: Optional[float] = typer.Option(None, help="One factor for everything touched."),
-    random_range: Optional[tuple[float, float]] = typer.Option(None, "--random-range", help="Draw a factor per "
-                                                               "unit/channel/head dimension/feature uniformly from [LO, HI]."),
+    alpha: float | None = typer.Option(None, help="One factor for everything touched."),
+    random_range: tuple[float, float] | None = typer.Option(
+        None, "--random-range", help="Draw a factor per unit/channel/head dimension/feature uniformly from [LO, HI]."),
     seed: int = typer.Option(0, help="Seed for --random-range."),
     pair: int = typer.Option(0, help="--mode layer: which pair of ReLU-joined weight layers (0 = first)."),
     data_dir: DataDir = None,

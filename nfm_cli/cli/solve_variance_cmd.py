@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,7 +18,7 @@ def solve_variance_command(
     hdiag: Path = typer.Argument(..., metavar="HDIAG", help="hessian-diag file of CHECKPOINT (normalized-ce for "
                                  "the paper's measures)."),
     out: Path = typer.Option(..., "--out", "-o", help="Measures file to write."),
-    trace_hdiag: Optional[Path] = typer.Option(None, "--trace-hdiag", help="A second hessian-diag file (e.g. "
+    trace_hdiag: Path | None = typer.Option(None, "--trace-hdiag", help="A second hessian-diag file (e.g. "
                                                "--loss ce, Sec. 6.2) whose trace is reported; default: HDIAG."),
     tol: Tol = SOLVER_TOL,
     max_iter: MaxIter = SOLVER_MAX_ITER,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,17 +14,17 @@ from nfm_cli.errors import NfmError
 def sweep_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the runs' checkpoints and measures files "
                              "(created if missing)."),
-    grid: Optional[list[str]] = typer.Option(None, "--grid", help="FIELD=VALUES, repeatable: an nfm train config "
+    grid: list[str] | None = typer.Option(None, "--grid", help="FIELD=VALUES, repeatable: an nfm train config "
                                              "field (as in the checkpoint config) and its values, comma-separated "
                                              "(lr=1e-3,3e-4) or an inclusive range start:stop:step "
                                              "(random_ratio=0:1:0.1); one value fixes a setting."),
-    grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="The grid as a JSON or TOML file: "
+    grid_file: Path | None = typer.Option(None, "--grid-file", help="The grid as a JSON or TOML file: "
                                              "field = value or list of values, and optionally seeds = [...]."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, one run each per grid "
+    seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, one run each per grid "
                                         "point (default 0, or the grid file's)."),
     list_runs: bool = typer.Option(False, "--list", help="Print one `nfm train ... && nfm measure ...` line per "
                                    "run (for xargs -P, GNU parallel, job arrays) and run nothing."),
-    index: Optional[int] = typer.Option(None, "--index", help="Run only run INDEX (0-based, in --list order), "
+    index: int | None = typer.Option(None, "--index", help="Run only run INDEX (0-based, in --list order), "
                                         "e.g. $SLURM_ARRAY_TASK_ID."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (each a child process with cores / jobs "
                              "threads)."),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,24 +38,25 @@ def train_command(
     warmup_epochs: int = typer.Option(DEFAULT["warmup_epochs"], "--warmup-epochs", min=0, help="Raise the "
                                       "learning rate linearly from lr/steps to lr over the minibatches of the "
                                       "first E epochs (0: none)."),
-    stop_at_loss: Optional[float] = typer.Option(DEFAULT["stop_at_loss"], "--stop-at-loss", min=0.0,
+    stop_at_loss: float | None = typer.Option(DEFAULT["stop_at_loss"], "--stop-at-loss", min=0.0,
                                                  help="Stop after the first epoch whose training cross-entropy is "
                                                  "at most this (e.g. 0.01, Jiang et al. 2020); --epochs stays the "
                                                  "cap."),
     seed: int = typer.Option(DEFAULT["seed"], help="Seed for init, subset, random labels and shuffling."),
-    width: Optional[int] = typer.Option(DEFAULT["width"], min=1, help="mlp: hidden width (default 512); wrn16-4: "
+    width: int | None = typer.Option(DEFAULT["width"], min=1, help="mlp: hidden width (default 512); wrn16-4: "
                                         "width factor k (4); vit-tiny: embedding width (32)."),
-    depth: Optional[int] = typer.Option(DEFAULT["depth"], min=1, help="mlp: hidden layers (default 3); wrn16-4: "
+    depth: int | None = typer.Option(DEFAULT["depth"], min=1, help="mlp: hidden layers (default 3); wrn16-4: "
                                         "depth 6n+4 (16); vit-tiny: blocks (2)."),
-    train_size: Optional[int] = typer.Option(DEFAULT["train_size"], "--train-size", min=1, help="Seeded subset of "
+    train_size: int | None = typer.Option(DEFAULT["train_size"], "--train-size", min=1, help="Seeded subset of "
                                              "the training split."),
-    test_size: Optional[int] = typer.Option(DEFAULT["test_size"], "--test-size", min=1, help="Seeded subset of the "
+    test_size: int | None = typer.Option(DEFAULT["test_size"], "--test-size", min=1, help="Seeded subset of the "
                                             "test split for the test accuracy (default: all)."),
-    data_dir: Optional[Path] = typer.Option(DEFAULT["data_dir"], "--data-dir", help="Folder with the dataset files "
+    data_dir: Path | None = typer.Option(DEFAULT["data_dir"], "--data-dir", help="Folder with the dataset files "
                                             "(searched before $NFM_DATA and /usr/share/datasets/<name>)."),
     download: Annotated[bool, flag("--download", help="Allow torchvision to download the dataset.")] = False,
     device: Device = "auto",
-    save_every: float = typer.Option(TRAIN_SAVE_EVERY_SECONDS, "--save-every", min=0.0, metavar="SECONDS", help="Write the checkpoint "
+    save_every: float = typer.Option(TRAIN_SAVE_EVERY_SECONDS, "--save-every", min=0.0, metavar="SECONDS",
+                                     help="Write the checkpoint "
                                      "at most this often (and at the end, and on Ctrl-C or SIGTERM); 0 saves after "
                                      "every minibatch. Resuming is bit-identical whenever it was saved."),
     force: Force = False,

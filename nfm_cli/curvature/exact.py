@@ -7,10 +7,10 @@ Why it is exact. Let f(theta) be the logits of one sample and l(f) its loss. The
 J_i = df/d theta_i, H = d^2 l / df^2 the K x K loss Hessian in the logits (``losses.logit_hessian``).
 For Linear / Conv / eval-mode BatchNorm layers joined by ReLU, max/avg pooling, flatten and residual
 sums, each logit is piecewise linear in any *single* weight (the weight enters linearly once, every
-other operation is piecewise linear; ``support.py`` verifies this on the model's torch.fx graph), so d^2 f_k / d theta_i^2 = 0 almost everywhere and the diagonal
-of the Hessian equals the diagonal of the generalized Gauss-Newton matrix J^T H J -- for any
-symmetric H, also the indefinite one of ``normalized-ce`` (eqs. 20-22). This is the diagonal of the
-Hessian in eq. (5) and in (17)/(59) of the paper, without the stochastic estimate (60)-(61).
+other operation is piecewise linear; ``support.py`` verifies this on the model's torch.fx graph), so
+d^2 f_k / d theta_i^2 = 0 almost everywhere and the diagonal of the Hessian equals the diagonal of the generalized
+Gauss-Newton matrix J^T H J -- for any symmetric H, also the indefinite one of ``normalized-ce`` (eqs. 20-22). This is
+the diagonal of the Hessian in eq. (5) and in (17)/(59) of the paper, without the stochastic estimate (60)-(61).
 
 How it is computed. Both losses are invariant to a common shift of the logits, so H 1 = 0 and H is
 determined by its restriction to the (K-1)-dimensional subspace orthogonal to 1. Per sample,
@@ -210,7 +210,7 @@ class CapturedForward:
             grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
                                         retain_graph=k < directions.shape[0] - 1, allow_unused=True)
             by_use: dict[str, dict[int, torch.Tensor]] = {}
-            for (node, i, _), grad in zip(targets, grads):
+            for (node, i, _), grad in zip(targets, grads, strict=True):
                 if grad is not None:
                     by_use.setdefault(node, {})[i] = grad
             for use in self.called:

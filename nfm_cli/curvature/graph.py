@@ -209,7 +209,7 @@ def _module_per_sample_rule(module: nn.Module, path: str):
 
         def function(params, *tensors):
             filled = list(leaves)
-            for i, t in zip(positions, tensors):
+            for i, t in zip(positions, tensors, strict=True):
                 filled[i] = t
             call_args, call_kwargs = pytree.tree_unflatten(filled, spec)
             out = functional_call(module, {local[k]: v for k, v in params.items()}, call_args, call_kwargs)
@@ -230,7 +230,7 @@ def tensor_outputs(out) -> tuple[torch.Tensor, ...]:
 def _functional_arguments(node: fx.Node) -> dict[str, Any]:
     names = _FUNCTIONAL_ARGS[node.target]
     values = dict(_FUNCTIONAL_DEFAULTS)
-    values.update(zip(names, node.args))
+    values.update(zip(names, node.args, strict=False))
     values.update(node.kwargs)
     return values
 
@@ -344,7 +344,7 @@ def _per_sample_use(node: fx.Node, model: nn.Module, input_dependent: set[fx.Nod
 
     def make(args, kwargs, values, budget):
         def function(params, *tensors):
-            env = evaluate(order, dict(zip(seeds, tensors)), model, params)
+            env = evaluate(order, dict(zip(seeds, tensors, strict=True)), model, params)
             return tensor_outputs(env[node])
         named = dict(model.named_parameters())
         return PerSampleRule(function, {n: named[n] for n in names}, [values[s.name] for s in seeds])

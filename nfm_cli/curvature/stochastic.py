@@ -89,7 +89,7 @@ def gradient_sum(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
         logits = _forward(model, leaves, x)
         grads = torch.autograd.grad(sum_loss(logits, y, loss), list(leaves.values()), allow_unused=True)
     return ({name: (g.detach().double() if g is not None else torch.zeros_like(leaves[name], dtype=torch.float64))
-             for name, g in zip(leaves, grads)}, logits.detach())
+             for name, g in zip(leaves, grads, strict=True)}, logits.detach())
 
 
 def hessian_vector_sum(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -105,7 +105,7 @@ def hessian_vector_sum(model: nn.Module, params: dict[str, torch.Tensor], x: tor
         hv = torch.autograd.grad([grads[i] for i in used], [leaves[n] for n in names],
                                  grad_outputs=[vector[names[i]] for i in used], allow_unused=True) if used else []
     out = {name: torch.zeros_like(leaves[name], dtype=torch.float64) for name in names}
-    for name, value in zip(names, hv):
+    for name, value in zip(names, hv, strict=True):
         if value is not None:
             out[name] = value.detach().double()
     return out, logits.detach()

@@ -16,8 +16,8 @@ import json
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -76,8 +76,8 @@ def read_cifar_split(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         except NfmError:
             raise
         except Exception as exc:  # pickle and numpy raise many types for a damaged file
-            raise NfmError(f"cannot read CIFAR-10 batch ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__})",
-                           path) from None
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise NfmError(f"cannot read CIFAR-10 batch ({reason})", path) from None
         if len(xs[-1]) != len(ys[-1]):
             raise NfmError("CIFAR-10 batch has unequal numbers of images and labels", path)
     return torch.cat(xs), torch.cat(ys)

@@ -145,10 +145,7 @@ def _imagefolder_split(spec: DataSpec, root: Path, train: bool) -> Split:
     from torchvision import transforms
 
     train_dir = root / "train"
-    if train:
-        folder = train_dir
-    else:
-        folder = next((root / n for n in ("test", "val") if (root / n).is_dir()), root / "test")
+    folder = train_dir if train else next((root / n for n in ("test", "val") if (root / n).is_dir()), root / "test")
     if not folder.is_dir():
         raise NfmError(f"imagefolder needs {'train' if train else 'test or val'} subfolders with one folder "
                        "per class", root)

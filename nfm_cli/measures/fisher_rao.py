@@ -11,9 +11,9 @@ Two ways to get them (``method``):
   exact and ggn estimators accept, ``curvature/graph.py``; any graph between them): the per-sample
   gradient of a Linear/Conv/BatchNorm/LayerNorm/Embedding weight is a closed form of the operation's
   input and the back-propagated gradient of L_z at its output (other operations: ``PerSampleRule``),
-  so the per-operation rules (``curvature/rules.py``) give sum_z (dL_z/dtheta_i)^2 with the loss gradient dL_z/df as the single
-  back-propagated direction: one forward and one backward pass per batch, no per-sample weight
-  gradients from autograd. (In eval mode samples do not interact, so the gradient of sum_z L_z at a
+  so the per-operation rules (``curvature/rules.py``) give sum_z (dL_z/dtheta_i)^2 with the loss
+  gradient dL_z/df as the single back-propagated direction: one forward and one backward pass per batch, no per-sample
+  weight gradients from autograd. (In eval mode samples do not interact, so the gradient of sum_z L_z at a
   layer output is, row by row, the gradient of each L_z.)
 * ``vmap`` -- per-sample gradients with ``torch.func.vmap(grad(...))`` in chunks: any model; slower;
   the test oracle for ``rules``.

@@ -66,7 +66,8 @@ MEASURES: dict[str, MeasureSpec] = {m.key: m for m in (
           "product of the spectral norms of the weight matrices (conv reshaped to out x in*kh*kw)",
           None, "weights"),
     _spec("log_spectral_norm_product", "log product of spectral norms",
-          "natural log of `spectral_norm_product` (finite where the product overflows float64)", None, "weights", summary=False),
+          "natural log of `spectral_norm_product` (finite where the product overflows float64)", None, "weights",
+          summary=False),
     # the rivals of nfm_cli/measures/rivals.py (README: "Rival measures from the literature"); larger = sharper
     _spec("pacbayes_flatness", "PAC-Bayes flatness 1/sigma^2",
           "1/sigma^2 for the largest sigma with \\|E_u acc(w+u) - acc(w)\\| <= 0.1, u ~ N(0, sigma^2 I) "

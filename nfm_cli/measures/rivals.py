@@ -27,8 +27,9 @@ so the search sees one fixed curve and the result is reproducible.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,7 @@ def box_ascent(objective: Callable[[Params], tuple[torch.Tensor, float]], radius
         grads = torch.autograd.grad(value, list(d.values()))
         with torch.no_grad():
             delta = {n: torch.maximum(torch.minimum(d[n] + step * radius[n] * g.sign(), radius[n]), -radius[n])
-                     for n, g in zip(d, grads)}
+                     for n, g in zip(d, grads, strict=True)}
     return best, best_score
 
 
@@ -244,7 +245,7 @@ def adaptive_sharpness(loss: Callable[[Params], torch.Tensor], params: Params, r
         if norm == 0:
             break
         with torch.no_grad():
-            v = _project_l2({n: vv[n] + step * g / norm for n, g in zip(vv, grads)}, rho)
+            v = _project_l2({n: vv[n] + step * g / norm for n, g in zip(vv, grads, strict=True)}, rho)
     with torch.no_grad():
         best = max(best, float(loss({n: scale[n] * v[n] for n in v})))
     return best - base

@@ -6,9 +6,10 @@ A run is one measures file flattened into a dict: every top-level number of its 
 ``random_ratio``, ``model``, ``dataset``, ``seed``, ...) and ``path``. Missing or null numbers are NaN.
 
 Correlations (Pearson r, Spearman rho, Kendall tau-b, with their two-sided p-values) come from
-``scipy.stats`` (p-values exact by permutation for n <= ``EXACT_P_MAX_N``) and use, per measure, only the runs where both the measure and y are finite; ``n``
-says how many. A correlation that is undefined (fewer than 3 such runs, or a constant measure or y)
-is NaN, never an error. Ties are handled by scipy (average ranks for Spearman, tau-b for Kendall).
+``scipy.stats`` (p-values exact by permutation for n <= ``EXACT_P_MAX_N``) and use, per measure, only
+the runs where both the measure and y are finite; ``n`` says how many. A correlation that is undefined (fewer than 3
+such runs, or a constant measure or y) is NaN, never an error. Ties are handled by scipy (average ranks for Spearman,
+tau-b for Kendall).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import itertools
 import math
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -286,7 +288,7 @@ def group_runs(runs: Sequence[dict], group_by: Sequence[str] = DEFAULT_GROUP_BY)
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(_label(run.get(g)) for g in group_by), []).append(run)
-    return [(dict(zip(group_by, key)), members) for key, members in groups.items()]
+    return [(dict(zip(group_by, key, strict=True)), members) for key, members in groups.items()]
 
 
 def correlation_table(runs: Sequence[dict], measures: Sequence[str] = DEFAULT_MEASURES, y: str = "gap",
@@ -371,7 +373,7 @@ def add_protocol(table: list[dict[str, Any]], runs: Sequence[dict], measures: Se
     """Adds ``axes`` and ``protocol: {measure: protocol.protocol_scores(...)}`` to every group of
     ``correlation_table``'s result (same grouping, same order)."""
     groups = group_runs(runs, group_by)
-    for index, (entry, (_, members)) in enumerate(zip(table, groups)):
+    for index, (entry, (_, members)) in enumerate(zip(table, groups, strict=True)):
         axes = varying_axes(members, PROTOCOL_AXES)
         rows = [dict(run, test_samples=_test_samples(run)) for run in members]
         entry["axes"] = axes

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class Grid:
 
     @property
     def configs(self) -> list[tuple]:
-        return list(zip(*self.axes.values())) if self.axes else [()] * len(self.mu)
+        return list(zip(*self.axes.values(), strict=True)) if self.axes else [()] * len(self.mu)
 
 
 def varying_axes(runs: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> list[str]:
@@ -141,7 +142,7 @@ def _conditioning_codes(grid: Grid, subset: Sequence[str], i: np.ndarray, j: np.
     """An integer per pair naming U_S: the values of both runs on the axes in ``subset``."""
     if not subset:
         return np.zeros(len(i), dtype=np.int64)
-    labels = list(zip(*[grid.axes[a] for a in subset]))
+    labels = list(zip(*[grid.axes[a] for a in subset], strict=True))
     ids = {v: n for n, v in enumerate(dict.fromkeys(labels))}
     run_code = np.array([ids[v] for v in labels], dtype=np.int64)
     return run_code[i] * len(ids) + run_code[j]
@@ -202,7 +203,7 @@ class _Environments:
         keys = list(by_config)
         self.envs = []
         for a, b in itertools.combinations(range(len(keys)), 2):
-            if sum(x != y for x, y in zip(keys[a], keys[b])) != 1:
+            if sum(x != y for x, y in zip(keys[a], keys[b], strict=True)) != 1:
                 continue
             ra, rb = np.array(by_config[keys[a]]), np.array(by_config[keys[b]])
             ia, ib = np.repeat(ra, len(rb)), np.tile(rb, len(ra))

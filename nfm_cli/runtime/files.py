@@ -5,6 +5,7 @@ weights reader (``store.weights``) and by data specs (``data.specs``) alike.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -57,7 +58,7 @@ def check_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         if name != "__metadata__":
             spans.append(_tensor_span(name, entry, size - 8 - length, path))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise NfmError(f"safetensors tensors {n0!r} and {n1!r} overlap (corrupt or hostile file)", path)
     return header

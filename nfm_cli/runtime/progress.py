@@ -1,8 +1,8 @@
 """Progress reporting from the core to whoever renders it (the CLI draws rich progress bars)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 
 @dataclass
@@ -15,7 +15,7 @@ class ProgressEvent:
     info: dict = field(default_factory=dict)
 
 
-ProgressFn = Optional[Callable[[ProgressEvent], None]]
+ProgressFn = Callable[[ProgressEvent], None] | None
 
 
 def report(progress: ProgressFn, task: str, done: int, total: int, **info) -> None:

@@ -416,7 +416,8 @@ def _report(progress: ProgressFn, est: Estimator, units_done: int) -> None:
     per_probe = est.passes * est.batches
     probe, rest = divmod(units_done, per_probe)
     done = probe * est.passes * est.n + min(est.passes * est.n, rest * est.batch_size)
-    report(progress, est.name, done, est.probes * est.passes * est.n, probe=f"{min(probe + 1, est.probes)}/{est.probes}")
+    report(progress, est.name, done, est.probes * est.passes * est.n,
+           probe=f"{min(probe + 1, est.probes)}/{est.probes}")
 
 
 def _partial_batch_size(out: Path, force: bool) -> int | None:

@@ -73,7 +73,8 @@ def intermediate_paths(out: Path, precision: str = "float32") -> dict[str, Path]
 def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
                        estimator: str = DEFAULT_ESTIMATOR, samples: int | None = None, probes: int = DEFAULT_PROBES,
                        batch_size: int | None = None, seed: int = 0, device: str = "auto",
-                       precision: str = "float32", keep_intermediate: bool = True, tol: float = SOLVER_TOL, max_iter: int = SOLVER_MAX_ITER,
+                       precision: str = "float32", keep_intermediate: bool = True, tol: float = SOLVER_TOL,
+                       max_iter: int = SOLVER_MAX_ITER,
                        force: bool = False, rivals: bool = False, finite_diff_scale: float = FD_SCALE,
                        data_dir: str | os.PathLike | None = None, save_every_seconds: float = SAVE_EVERY_SECONDS,
                        progress: ProgressFn = None) -> MeasureResult:

@@ -91,7 +91,7 @@ def weight_pairs(model: nn.Module) -> list[WeightPair]:
             if isinstance(mod, WEIGHT_LAYERS):
                 pairs.append(WeightPair(node.target, user.target, flattened))
                 break
-            if isinstance(mod, HOMOGENEOUS) or isinstance(mod, nn.Flatten):
+            if isinstance(mod, (HOMOGENEOUS, nn.Flatten)):
                 flattened = flattened or isinstance(mod, nn.Flatten)
                 current = user
                 continue

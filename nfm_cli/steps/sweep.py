@@ -20,10 +20,11 @@ import shlex
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime import interrupt
@@ -143,7 +144,7 @@ def expand(grid: dict[str, list[Any]], seeds: Sequence[int], out: str | Path) ->
     varying = [f for f, values in grid.items() if len(values) > 1]
     runs = []
     for values in itertools.product(*grid.values()):
-        settings = dict(zip(grid, values))
+        settings = dict(zip(grid, values, strict=True))
         for seed in seeds:
             config = TrainConfig(**settings, seed=seed)
             try:
@@ -271,7 +272,7 @@ def run_all(runs: Sequence[Run], grid_fields: Sequence[str], *, jobs: int = 1, r
             futures = [pool.submit(_run_subprocess, children, run, grid_fields, rivals, device, threads)
                        for run in runs]
             try:
-                for i, (run, future) in enumerate(zip(runs, futures)):
+                for i, (run, future) in enumerate(zip(runs, futures, strict=True)):
                     error = future.result()
                     if error is not None:
                         failures.append((run.name, error))

@@ -19,9 +19,10 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from nfm_cli.errors import NfmError
 

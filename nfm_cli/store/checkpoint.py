@@ -165,7 +165,8 @@ def checkpoint_from_artifact(art: Artifact, data_dir=None, device="cpu", dtype=t
     k = spec.get("num_classes", spec["args"].get("num_classes", 0))
     if not isinstance(k, int) or isinstance(k, bool):
         raise NfmError("checkpoint has a malformed model.num_classes entry", path)
-    if indices.dtype != torch.int64 or labels.dtype != torch.int64 or indices.ndim != 1 or labels.shape != indices.shape:
+    if (indices.dtype != torch.int64 or labels.dtype != torch.int64 or indices.ndim != 1
+            or labels.shape != indices.shape):
         raise NfmError("data.indices / data.labels must be int64 vectors of the same length", path)
     if len(labels) == 0:
         raise NfmError("checkpoint has an empty training set", path)

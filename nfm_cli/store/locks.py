@@ -30,9 +30,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime.progress import ProgressFn, note

@@ -100,7 +100,8 @@ def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def match_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def match_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                     path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """``tensors`` renamed to the model's keys (dropping wrapper prefixes) and cast to the model's float
     dtype; returns it and the prefix dropped. Missing/unexpected/misshaped tensors: one line each."""
     expected = model.state_dict()

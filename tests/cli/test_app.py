@@ -16,7 +16,8 @@ def test_version_help_and_module_entry_point():
     assert helped.returncode == 0 and "train" in helped.stdout and "inspect" in helped.stdout
 
 
-WORKFLOW_ORDER = ["train", "import", "measure", "report", "sweep", "hessian-diag", "solve-variance", "rescale", "inspect"]
+WORKFLOW_ORDER = ["train", "import", "measure", "report", "sweep", "hessian-diag", "solve-variance", "rescale",
+                  "inspect"]
 
 
 def test_bare_nfm_prints_the_help_in_workflow_order(cli):
@@ -81,16 +82,21 @@ def test_train_prints_only_the_path_on_stdout(cli, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["train", "--model", "vgg", "--out", "{tmp}/x.safetensors"], "'--model': 'vgg' is not one of 'lenet', 'mlp'"),
-    (["train", "--random-ratio", "1.2", "--out", "{tmp}/x.safetensors"], "'--random-ratio': Input should be less than or equal to 1"),
-    (["train", "--epochs", "0", "--out", "{tmp}/x.safetensors"], "'--epochs': Input should be greater than or equal to 1"),
+    (["train", "--random-ratio", "1.2", "--out", "{tmp}/x.safetensors"],
+     "'--random-ratio': Input should be less than or equal to 1"),
+    (["train", "--epochs", "0", "--out", "{tmp}/x.safetensors"],
+     "'--epochs': Input should be greater than or equal to 1"),
     (["train", "--batch-size", "-3", "--out", "{tmp}/x.safetensors"], "'--batch-size': Input should be greater"),
     (["train", "--lr", "0", "--out", "{tmp}/x.safetensors"], "'--lr': 0.0 is not a positive finite number"),
     (["measure", "{tmp}/x.safetensors", "--tol", "-1"], "'--tol': -1.0 is not a positive finite number"),
-    (["measure", "{tmp}/x.safetensors", "--precision", "float16"], "'--precision': 'float16' is not one of 'float32', 'float64'"),
-    (["hessian-diag", "{tmp}/x.safetensors", "--out", "{tmp}/h", "--estimator", "lanczos"], "'--estimator': 'lanczos' is not one of"),
+    (["measure", "{tmp}/x.safetensors", "--precision", "float16"],
+     "'--precision': 'float16' is not one of 'float32', 'float64'"),
+    (["hessian-diag", "{tmp}/x.safetensors", "--out", "{tmp}/h", "--estimator", "lanczos"],
+     "'--estimator': 'lanczos' is not one of"),
     (["measure", "{tmp}/x.safetensors", "--json", "true"], "unexpected extra argument(s) (true)"),
     (["train", "--dataset", "synthetic", "--out", "{tmp}/missing/x.safetensors"], "does not exist"),
-    (["train", "--dataset", "cifar10", "--data-dir", "{tmp}", "--out", "{tmp}/x.safetensors"], "does not hold the cifar10"),
+    (["train", "--dataset", "cifar10", "--data-dir", "{tmp}", "--out", "{tmp}/x.safetensors"],
+     "does not hold the cifar10"),
     (["train", "--epochs", "many", "--out", "{tmp}/x.safetensors"], "epochs"),
     (["inspect", "{tmp}/absent.safetensors"], "no such file"),
     (["inspect", "{tmp}"], "is a directory"),

@@ -52,7 +52,8 @@ def test_help_and_version_of_every_command_import_no_torch_numpy_or_scipy():
     assert out["NUMERIC"] == ""
 
 
-THREADS_CHECK = ("import sys\nfrom nfm_cli.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+THREADS_CHECK = ("import sys\nfrom nfm_cli.cli import main\n"
+                 "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
                  "import torch\nprint('THREADS', torch.get_num_threads(), torch.get_num_interop_threads())\n")
 
 

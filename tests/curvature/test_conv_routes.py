@@ -40,7 +40,8 @@ def case(name, n=6):
     build, shape = CASES[name]
     model = build().double().eval()
     gen = torch.Generator().manual_seed(1)
-    return model, torch.randn((n,) + shape, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen)
+    return model, torch.randn((n,) + shape, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,),
+                                                                                               generator=gen)
 
 
 def diagonal_by(route, monkeypatch, model, x, y, loss):

@@ -183,7 +183,7 @@ def test_grouped_conv_layout_against_its_dense_equivalent(groups, cin, cout):
     assert grouped_sol.value == pytest.approx(dense_sol.value, rel=1e-10)
     # independent check: per group, a separate solve of its own [out/g, in/g] block
     per_group = sum(solve_layer(*to_matrix(wg, hgg)).value
-                    for wg, hgg in zip(grouped.weight.detach().chunk(groups), hg.chunk(groups)))
+                    for wg, hgg in zip(grouped.weight.detach().chunk(groups), hg.chunk(groups), strict=True))
     assert grouped_sol.value == pytest.approx(per_group, rel=1e-9)
 
 

@@ -47,7 +47,8 @@ def test_layer_values_come_from_the_solver():
     for name, matrix in weight_matrices(model).items():
         w2, hh = to_matrix(params[matrix.param].detach(), h[name])
         assert summary["layers"][name]["normalized_sharpness"] == pytest.approx(solve_layer(w2, hh).value, rel=1e-12)
-        assert summary["layers"][name]["normalized_sharpness"] <= summary["layers"][name]["matrix_normalized_sharpness"] * (1 + 1e-12)
+        layer = summary["layers"][name]
+        assert layer["normalized_sharpness"] <= layer["matrix_normalized_sharpness"] * (1 + 1e-12)
         total += solve_layer(w2, hh).value
     assert summary["normalized_sharpness"] == pytest.approx(total, rel=1e-12)
     assert summary["params_in_matrices"] + summary["params_left_out"] == sum(p.numel() for p in model.parameters())
@@ -68,9 +69,10 @@ def test_layer_values_come_from_the_solver():
 ])
 @pytest.mark.parametrize("factors", ["uniform", "per-unit"])
 def test_invariance_under_function_preserving_rescaling(name, cfg, shape, mode, factors):
-    """Normalized sharpness (17) is unchanged by every function-preserving rescaling, while the Hessian trace changes. Matrix-normalized sharpness (13) is unchanged when
-    each matrix is scaled as a whole (one alpha), but NOT by per-unit factors: that is the paper's
-    Sec. 5.1 argument for per-row/column variances, and the test checks it both ways."""
+    """Normalized sharpness (17) is unchanged by every function-preserving rescaling, while the Hessian trace changes.
+    Matrix-normalized sharpness (13) is unchanged when each matrix is scaled as a whole (one alpha), but NOT by
+    per-unit factors: that is the paper's Sec. 5.1 argument for per-row/column variances, and the test checks it both
+    ways."""
     model = _model(name, **cfg)
     x, y = _data(shape, n=16 if name == "lenet" else 32)
     before, _ = _all_measures(model, x, y)
@@ -131,9 +133,9 @@ def test_fisher_rao_matches_per_sample_gradients():
     squares = [torch.zeros_like(p) for p in params]
     for i in range(len(y)):
         loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-        for s, g in zip(squares, torch.autograd.grad(loss, params)):
+        for s, g in zip(squares, torch.autograd.grad(loss, params), strict=True):
             s += g ** 2
-    reference = sum(float((p.detach() ** 2 * s / len(y)).sum()) for p, s in zip(params, squares))
+    reference = sum(float((p.detach() ** 2 * s / len(y)).sum()) for p, s in zip(params, squares, strict=True))
     assert fisher_rao_norm(model, x, y) == pytest.approx(reference, rel=1e-10)
 
 

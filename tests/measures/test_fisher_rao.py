@@ -18,7 +18,8 @@ def registered(name, shape, n=9, **config):
     torch.manual_seed(0)
     model = randomize_batchnorm(models.build(name, **config).double()).eval()
     gen = torch.Generator().manual_seed(3)
-    return model, torch.randn((n,) + shape, generator=gen, dtype=torch.float64), torch.randint(0, 10, (n,), generator=gen)
+    return model, torch.randn((n,) + shape, generator=gen, dtype=torch.float64), torch.randint(0, 10, (n,),
+                                                                                               generator=gen)
 
 
 CASES = {

@@ -161,7 +161,8 @@ def test_an_eps_box_that_alone_flips_too_much_is_off_the_scale():
 
 def test_box_ascent_linear_loss_reaches_the_corner():
     g = torch.Generator().manual_seed(0)
-    grad = {"a": torch.randn(5, generator=g, dtype=torch.float64), "b": torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    grad = {"a": torch.randn(5, generator=g, dtype=torch.float64), "b": torch.randn(2, 3, generator=g,
+                                                                                    dtype=torch.float64)}
     radius = {n: torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.1 for n, t in grad.items()}
     loss = lambda d: sum((grad[n] * d[n]).sum() for n in d)  # noqa: E731
     _, best = box_ascent(lambda d: (loss(d), float(loss(d).detach())), radius, 10, torch.Generator().manual_seed(1))
@@ -189,7 +190,8 @@ def test_box_ascent_convex_quadratic_matches_vertex_enumeration():
 
 def test_adaptive_sharpness_of_a_linear_loss():
     g = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(7, generator=g, dtype=torch.float64), "v": torch.randn(3, generator=g, dtype=torch.float64)}
+    params = {"w": torch.randn(7, generator=g, dtype=torch.float64), "v": torch.randn(3, generator=g,
+                                                                                      dtype=torch.float64)}
     grad = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
     loss = lambda d: sum((grad[n] * (params[n] + d[n])).sum() for n in d)  # noqa: E731
     rho = 0.3

@@ -459,7 +459,7 @@ def test_sparse_supports_against_scipy_scc():
 
     g = torch.Generator().manual_seed(91)
     n_not_attained = 0
-    for trial in range(25):
+    for _trial in range(25):
         R, C = int(torch.randint(2, 14, (1,), generator=g)), int(torch.randint(2, 14, (1,), generator=g))
         dens = 0.08 + 0.3 * float(torch.rand(1, generator=g))
         w2 = torch.rand(R, C, generator=g, dtype=F64) * (torch.rand(R, C, generator=g) < dens)

@@ -91,7 +91,8 @@ def test_checkpoint_rebuilds_its_own_model(tmp_path, model):
     out = tmp_path / "ck.safetensors"
     train(tiny_config(**overrides), out, device="cpu")
     ck = load_checkpoint(out)
-    assert type(ck.model).__name__ == {"mlp": "MLP", "lenet": "LeNet", "wrn16-4": "WideResNet", "vit-tiny": "ViTTiny"}[model]
+    assert type(ck.model).__name__ == {"mlp": "MLP", "lenet": "LeNet", "wrn16-4": "WideResNet",
+                                       "vit-tiny": "ViTTiny"}[model]
     assert not ck.model.training
     x, y = ck.training_tensors()
     assert x.shape == (32, 1, 28, 28) and y.dtype == torch.int64

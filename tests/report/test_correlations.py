@@ -146,7 +146,7 @@ def test_write_csv_columns_and_values(tmp_path):
     assert header == list(CSV_COLUMNS) and header[:4] == ["normalized_sharpness", "matrix_normalized_sharpness",
                                                           "hessian_trace", "hessian_trace_weights"]
     assert len(rows) == 3
-    for row, run in zip(rows, runs):
+    for row, run in zip(rows, runs, strict=True):
         assert float(row["normalized_sharpness"]) == run["normalized_sharpness"]  # exact (repr)
         assert float(row["gap"]) == run["gap"] and float(row["random_ratio"]) == run["random_ratio"]
         assert row["model"] == "mlp" and row["dataset"] == "fashion-mnist" and row["path"] == run["path"]

@@ -48,7 +48,7 @@ def ref_psi(table, axis, axes):
     values = [sorted({r[a] for r in table}, key=repr) for a in others]
     taus = []
     for combo in itertools.product(*values):
-        cell = [r for r in table if all(r[a] == v for a, v in zip(others, combo))]
+        cell = [r for r in table if all(r[a] == v for a, v in zip(others, combo, strict=True))]
         if len(cell) >= 2:
             taus.append(ref_tau(cell))
     return sum(taus) / len(taus) if taus else math.nan
@@ -89,7 +89,7 @@ def ref_rse(table, axes, n_test=N_TEST):
     configs = sorted({tuple(r[a] for a in axes) for r in table}, key=repr)
     losses = []
     for c1, c2 in itertools.combinations(configs, 2):
-        if sum(x != y for x, y in zip(c1, c2)) != 1:
+        if sum(x != y for x, y in zip(c1, c2, strict=True)) != 1:
             continue
         num = den = 0.0
         for ra in [r for r in table if tuple(r[a] for a in axes) == c1]:
@@ -253,12 +253,14 @@ def test_protocol_json_matches_the_direct_references(cli, tmp_path):
     axes = ["lr", "width"]
     assert p["kendall_tau"] == pytest.approx(ref_tau(table))
     assert p["granulated_kendall"] == {a: pytest.approx(ref_psi(table, a, axes)) for a in axes}
-    assert p["granulated_kendall_mean"] == pytest.approx((ref_psi(table, "lr", axes) + ref_psi(table, "width", axes)) / 2)
+    assert p["granulated_kendall_mean"] == pytest.approx((ref_psi(table, "lr", axes) + ref_psi(table, "width",
+                                                                                               axes)) / 2)
     assert p["cmi_score"] == pytest.approx(ref_cmi(table, axes))
     rse_max, rse_p90 = ref_rse(table, axes, n_test=500)  # the test size recorded in the files
     assert (p["robust_sign_error_max"], p["robust_sign_error_p90"]) == (pytest.approx(rse_max), pytest.approx(rse_p90))
     assert p["n_runs"] == len(ROWS) and p["n_seeds"] == 2
-    for key in ("kendall_tau", "granulated_kendall_mean", "cmi_score", "robust_sign_error_max", "robust_sign_error_p90"):
+    for key in ("kendall_tau", "granulated_kendall_mean", "cmi_score", "robust_sign_error_max",
+                "robust_sign_error_p90"):
         lo, hi = p["ci95"][key]
         assert lo <= hi
     assert set(p["ci95"]["granulated_kendall"]) == {"width", "lr"}

@@ -167,19 +167,17 @@ def test_a_repeated_sigterm_stays_pending_and_a_second_ctrl_c_is_raised_at_once(
     previous = interrupt.install()
     try:
         saved = False
-        with pytest.raises(interrupt.Interrupted) as after:
-            with interrupt.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
-                assert interrupt.pending() == signal.SIGTERM        # still here: not raised
-                saved = True                                        # (the save would go here)
+        with pytest.raises(interrupt.Interrupted) as after, interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interrupt.pending() == signal.SIGTERM        # still here: not raised
+            saved = True                                        # (the save would go here)
         assert saved and after.value.signum == signal.SIGTERM
-        with pytest.raises(interrupt.Interrupted) as at_once:
-            with interrupt.deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                assert interrupt.pending() == signal.SIGINT
-                os.kill(os.getpid(), signal.SIGINT)
-                raise AssertionError("the second Ctrl-C was not raised at once")
+        with pytest.raises(interrupt.Interrupted) as at_once, interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert interrupt.pending() == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the second Ctrl-C was not raised at once")
         assert at_once.value.signum == signal.SIGINT
     finally:
         interrupt.take()

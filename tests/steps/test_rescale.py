@@ -39,13 +39,14 @@ def test_rescaling_preserves_the_function(name, cfg, shape, modes):
             assert touched
             torch.testing.assert_close(changed(x), ref, rtol=1e-10, atol=1e-10)
             # ...while the weights did change
-            assert any(not torch.equal(a, b) for a, b in zip(changed.parameters(), model.parameters()))
+            assert any(not torch.equal(a, b) for a, b in zip(changed.parameters(), model.parameters(), strict=True))
 
 
 def test_layer_structure_found_by_tracing():
     lenet = models.build("lenet")
     pairs = weight_pairs(lenet)
-    assert [(p.first, p.second, p.flattened) for p in pairs] == [("0", "3", False), ("3", "7", True), ("7", "9", False), ("9", "11", False)]
+    assert [(p.first, p.second, p.flattened) for p in pairs] == [("0", "3", False), ("3", "7", True),
+                                                                  ("7", "9", False), ("9", "11", False)]
     wrn = models.build("wrn16-4", depth=10, widen_factor=1)
     assert weight_pairs(wrn) == []
     assert ("blocks.0.conv1", "blocks.0.bn2") in conv_bn_pairs(wrn)
@@ -132,14 +133,16 @@ def test_transformer_rescaling_keeps_the_logits(name, mode):
         assert touched
         diff = float((changed(x) - ref).detach().abs().max())
         assert diff < 1e-12 * max(float(ref.abs().max()), 1.0)    # float64 rounding
-        moved = [n for (n, p), q in zip(changed.named_parameters(), model.parameters()) if not torch.equal(p, q)]
+        moved = [n for (n, p), q in zip(changed.named_parameters(), model.parameters(),
+                                        strict=True) if not torch.equal(p, q)]
         assert moved
 
 
 def _dense_measures(model, x, y):
     hdiag = dense_diagonal(model, x, y, "ce")
     summary = compute_measures(model, hdiag).summary
-    return summary, float(sum(h.sum() for h in hdiag.values())), float(sum(p.detach().pow(2).sum() for p in model.parameters()))
+    squared_norm = float(sum(p.detach().pow(2).sum() for p in model.parameters()))
+    return summary, float(sum(h.sum() for h in hdiag.values())), squared_norm
 
 
 @pytest.mark.parametrize("mode", [pytest.param("attention", marks=pytest.mark.slow),
@@ -163,13 +166,15 @@ def test_mode_all_is_each_mode_in_turn_with_its_own_factors():
     alone, composed = copy.deepcopy(mlp), copy.deepcopy(mlp)
     rescale_model(alone, "neuron", random_range=(0.2, 5.0), seed=7)
     rescale_model(composed, "all", random_range=(0.2, 5.0), seed=7)
-    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), composed.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), composed.state_dict().values(),
+                                                 strict=True))
     model, x = tiny_transformer("vit-tiny")
     alone, composed = copy.deepcopy(model), copy.deepcopy(model)
     for mode in ("attention", "layernorm"):
         rescale_model(alone, mode, random_range=(0.2, 5.0), seed=7, inputs=x[:2])
     rescale_model(composed, "all", random_range=(0.2, 5.0), seed=7, inputs=x[:2])
-    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), composed.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), composed.state_dict().values(),
+                                                 strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -54,11 +54,11 @@ def test_sgd_epoch_matches_a_hand_written_update(tmp_path):
         idx = order[start:start + cfg.batch_size]
         grads = torch.autograd.grad(F.cross_entropy(model(x[idx]), y[idx]), params)
         with torch.no_grad():
-            for i, (p, g) in enumerate(zip(params, grads)):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 d = g + cfg.weight_decay * p
                 bufs[i] = d.clone() if bufs[i] is None else cfg.momentum * bufs[i] + d
                 p -= cfg.lr * bufs[i]
-    for (name, p), q in zip(model.named_parameters(), ck.model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ck.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     meta = read_artifact(out).meta
     assert {k: meta["config"][k] for k in SGD} == SGD and meta["config"]["stop_at_loss"] is None
@@ -90,12 +90,12 @@ def test_adamw_with_warmup_matches_a_hand_written_update(tmp_path):
             step += 1
             lr = cfg.lr * step / (2 * batches)
             with torch.no_grad():
-                for i, (p, g) in enumerate(zip(params, grads)):
+                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                     p.mul_(1 - lr * cfg.weight_decay)
                     m[i] = 0.9 * m[i] + 0.1 * g
                     v[i] = 0.999 * v[i] + 0.001 * g * g
                     p -= lr * (m[i] / (1 - 0.9 ** step)) / ((v[i] / (1 - 0.999 ** step)).sqrt() + 1e-8)
-    for (name, q), p in zip(ck.model.named_parameters(), params):
+    for (name, q), p in zip(ck.model.named_parameters(), params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     meta = read_artifact(out).meta
     assert {k: meta["config"][k] for k in ADAMW} == ADAMW and meta["optimizer"]["name"] == "adamw"
@@ -195,7 +195,8 @@ def test_cli_train_with_sgd(cli, tmp_path):
     assert (config["optimizer"], config["momentum"], config["weight_decay"], config["stop_at_loss"]) == \
         ("sgd", 0.5, 1e-4, 0.01)
     r = cli("train", "--out", tmp_path / "d.safetensors", "--dataset", "synthetic", "--optimizer", "lbfgs")
-    assert r.code == 2 and "'--optimizer': 'lbfgs' is not one of 'adam', 'sgd', 'adamw'" in r.err   # refused by the parser
+    # refused by the parser
+    assert r.code == 2 and "'--optimizer': 'lbfgs' is not one of 'adam', 'sgd', 'adamw'" in r.err
 
 
 def test_cli_trains_vit_tiny_with_adamw_and_warmup(cli, tmp_path):
@@ -206,5 +207,6 @@ def test_cli_trains_vit_tiny_with_adamw_and_warmup(cli, tmp_path):
     assert r.code == 0, r.err
     meta = read_artifact(out).meta
     assert (meta["config"]["optimizer"], meta["config"]["warmup_epochs"]) == ("adamw", 1)
-    assert meta["model"]["name"] == "vit-tiny" and (meta["model"]["args"]["dim"], meta["model"]["args"]["depth"]) == (16, 1)
+    assert meta["model"]["name"] == "vit-tiny" and (meta["model"]["args"]["dim"],
+                                                    meta["model"]["args"]["depth"]) == (16, 1)
     assert len(load_checkpoint(out).model.blocks) == 1

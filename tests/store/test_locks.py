@@ -59,11 +59,9 @@ def test_lock_file_names_the_holder_and_is_removed(tmp_path):
 
 def test_a_held_lock_is_refused_in_one_line_naming_the_holder(tmp_path):
     out = tmp_path / "run.safetensors"
-    with output_lock(out, command="nfm train"):
-        # flock is per open file: a second open, even in this process, meets the lock
-        with pytest.raises(OutputLocked) as info:
-            with output_lock(out):
-                pass
+    # flock is per open file: a second open, even in this process, meets the lock
+    with output_lock(out, command="nfm train"), pytest.raises(OutputLocked) as info, output_lock(out):
+        pass
     message = str(info.value)
     assert message.startswith(str(out)) and "\n" not in message
     assert f"host {HOST}, pid {os.getpid()}" in message and "nfm train" in message and "--wait" in message
@@ -82,9 +80,8 @@ def test_a_holder_that_has_not_written_its_record_yet_is_read_again(tmp_path):
     writer = threading.Timer(0.1, locks._write_holder, args=(fd, "nfm train"))
     writer.start()
     try:
-        with pytest.raises(OutputLocked, match=f"host {HOST}, pid {os.getpid()}"):
-            with output_lock(out):
-                pass
+        with pytest.raises(OutputLocked, match=f"host {HOST}, pid {os.getpid()}"), output_lock(out):
+            pass
     finally:
         writer.join()
         os.close(fd)
@@ -103,9 +100,8 @@ def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
 def test_another_hosts_lock_is_respected_until_its_timeout(tmp_path, monkeypatch):
     out = tmp_path / "run.safetensors"
     _write_lock(out, "other-node", 4242, age=5.0)              # refreshed 5 s ago
-    with pytest.raises(OutputLocked, match="host other-node, pid 4242"):
-        with output_lock(out):
-            pass
+    with pytest.raises(OutputLocked, match="host other-node, pid 4242"), output_lock(out):
+        pass
     monkeypatch.setenv(locks.TIMEOUT_ENV, "3")                  # not refreshed for 5 s > 3 s: stale
     with output_lock(out) as path:
         assert read_holder(path).host == HOST
@@ -283,7 +279,6 @@ def test_two_measures_on_one_out_with_wait(tmp_path, reference):
 def test_an_in_process_sweep_run_takes_the_same_locks(tmp_path):
     from nfm_cli.steps.sweep import expand, parse_grid_args, run_one
     run = expand(parse_grid_args(["width=16", "dataset=synthetic", "epochs=1"]), [0], tmp_path)[0]
-    with output_lock(run.checkpoint, command="nfm train"):
-        with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
-            run_one(run, device="cpu")
+    with output_lock(run.checkpoint, command="nfm train"), pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+        run_one(run, device="cpu")
     assert not run.checkpoint.exists() and _leftovers(tmp_path) == []

@@ -15,7 +15,7 @@ def _scores_and_values(mha: nn.MultiheadAttention, x: torch.Tensor):
     """Per head: the attention logits q k^T and the projected values v W_O^T, written out from the
     fused in_proj_weight (an independent reading of nn.MultiheadAttention's layout)."""
     e, h = mha.embed_dim, mha.num_heads
-    q, k, v = (x @ w.T + b for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)))
+    q, k, v = (x @ w.T + b for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3), strict=True))
     split = [t.unflatten(-1, (h, e // h)).transpose(1, 2) for t in (q, k, v)]
     scores = split[0] @ split[1].transpose(-2, -1)
     per_head_out = [split[2][:, i] @ mha.out_proj.weight[:, i * e // h:(i + 1) * e // h].T for i in range(h)]
@@ -47,7 +47,8 @@ def test_mha_scalings_keep_every_score_and_every_head_output_while_changing_q_k_
 @pytest.mark.parametrize("name, paths", [
     ("timm-vit", ["blocks.0.attn", "blocks.1.attn"]),
     ("timm-swin", ["layers.0.blocks.0.attn", "layers.1.blocks.0.attn"]),
-    ("torchvision-vit", ["encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_1.self_attention"]),
+    ("torchvision-vit", ["encoder.layers.encoder_layer_0.self_attention",
+                         "encoder.layers.encoder_layer_1.self_attention"]),
     ("vit-tiny", ["blocks.0.attn"]),
     ("encoder-split-qkv", ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]),
 ])
@@ -61,7 +62,8 @@ def test_known_attention_modules_are_found_and_their_scalings_keep_the_function(
         apply_scalings(heads.qk, 0.2 + 4.8 * torch.rand(heads.width, generator=gen, dtype=torch.float64))
         apply_scalings(heads.vo, 0.2 + 4.8 * torch.rand(heads.width, generator=gen, dtype=torch.float64))
     torch.testing.assert_close(changed(x), model(x), rtol=1e-10, atol=1e-10)
-    moved = max(float((p - q).detach().abs().max()) for p, q in zip(changed.parameters(), model.parameters()))
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(changed.parameters(), model.parameters(),
+                                                                    strict=True))
     assert moved > 0.1
 
 
