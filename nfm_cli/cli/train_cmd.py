@@ -78,6 +78,12 @@ def train_command(
     with locked(out, wait, "nfm train"), progress_bar(quiet) as progress:
         result = train(config, out, device=device, force=force, download=download, progress=progress,
                        save_every=save_every)
+    _render_result(result, out, quiet, DIVERGENCE_FACTOR)
+    typer.echo(str(out))
+
+
+def _render_result(result, out: Path, quiet: bool, divergence_factor: float) -> None:
+    """What ``nfm train`` says on stderr about a finished, resumed or skipped run (and a divergence)."""
     m = result.metrics
     if result.status == "already complete":
         console.print(f"{out}: already complete ({result.epochs_done} epochs); use --force to retrain")
@@ -96,7 +102,6 @@ def train_command(
         loss = m.get("train_loss")
         loss_text = f"{loss:.3g}" if isinstance(loss, float) else "not finite"
         console.print(f"warning: training diverged at epoch {m.get('diverged_epoch')} (train loss {loss_text}, "
-                      f"more than {DIVERGENCE_FACTOR:g} x ln(classes), the loss of a uniform guess); the checkpoint "
+                      f"more than {divergence_factor:g} x ln(classes), the loss of a uniform guess); the checkpoint "
                       "records it and nfm measure refuses it: retrain with a smaller --lr",
                       style="yellow", markup=False, highlight=False, soft_wrap=True)
-    typer.echo(str(out))
