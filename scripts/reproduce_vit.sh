@@ -30,7 +30,7 @@ runs=$out/runs
 export COLUMNS=${COLUMNS:-150}
 mkdir -p "$runs/vit-random-rescaled" "$out/plots"
 
-echo "== vit-random: $($nfm sweep --grid-file "$grid" --out "$runs/vit-random" --list | wc -l) runs" >&2
+echo "$(date -u +%T) == vit-random: $($nfm sweep --grid-file "$grid" --out "$runs/vit-random" --list | wc -l) runs" >&2
 $nfm sweep --grid-file "$grid" --out "$runs/vit-random" --jobs "$jobs" --rivals
 
 checkpoints() {  # the trained checkpoints of a folder (not the measures files or intermediates)
@@ -46,7 +46,7 @@ measure_all() {  # measure_all [nfm measure options]: stdin lines "CHECKPOINT OU
     xargs -r -P "$jobs" -L 1 sh -c 'NFM_THREADS=1 '"$nfm"' measure "$0" --out "$1" '"$opts"' --quiet >/dev/null'
 }
 
-echo "== vit-random-rescaled: rescale (--mode all) and measure" >&2
+echo "$(date -u +%T) == vit-random-rescaled: rescale (--mode all) and measure" >&2
 seed=0
 for ckpt in $(checkpoints "$runs/vit-random"); do
   rescaled=$runs/vit-random-rescaled/$(basename "$ckpt")
@@ -57,7 +57,7 @@ for ckpt in $(checkpoints "$runs/vit-random-rescaled"); do
   echo "$ckpt ${ckpt%.safetensors}.measures.safetensors"
 done | measure_all --rivals
 
-echo "== hutchinson ($probes probes): the Hessian trace itself, before and after rescaling" >&2
+echo "$(date -u +%T) == hutchinson ($probes probes): the Hessian trace itself, before and after rescaling" >&2
 for folder in vit-random vit-random-rescaled; do
   mkdir -p "$runs/$folder-hutchinson"
   for ckpt in $(checkpoints "$runs/$folder"); do

@@ -2,7 +2,10 @@
 
 * a registered name (``mnist``, ``fashion-mnist``, ``cifar10``, ``synthetic``): as ``nfm train`` uses it;
 * ``tensors:FILE``: a safetensors file with ``train.x``, ``train.y``, ``test.x``, ``test.y`` (inputs already
-  preprocessed as the model expects, float; labels integer, read as int64);
+  preprocessed as the model expects: floating point, read as float32, or signed integers such as token
+  ids for a model that embeds them, any trailing shape, read as int64 and never cast to float; labels
+  integer, read as int64). ``uint8`` and ``bool`` inputs are refused: raw image bytes and masks are
+  ambiguous (scale them to float, or store ids as int64);
 * ``imagefolder:DIR``: torchvision ``ImageFolder`` over ``DIR/train`` and ``DIR/test`` (or ``DIR/val``),
   classes numbered in sorted folder order of ``DIR/train``; images go through ``--resize`` (shorter
   side), ``--crop`` (center), conversion to [0, 1] and ``--normalize`` (per-channel mean and std), and
@@ -104,7 +107,7 @@ def locate(spec: DataSpec, data_dir: str | os.PathLike | None = None) -> Path:
 
 def load_spec_split(spec: DataSpec, train: bool, data_dir: str | os.PathLike | None = None,
                     download: bool = False, strict: bool = False) -> Split:
-    """One split of the data ``spec`` names, as float32 inputs and int64 labels (``strict``: as
+    """One split of the data ``spec`` names, as float32 (or int64 token) inputs and int64 labels (``strict``: as
     ``data.load_split``'s, for registered datasets)."""
     if spec.kind == "registered":
         return load_split(spec.location, train, data_dir, download, strict=strict)
@@ -128,16 +131,27 @@ def _tensors_split(path: Path, split: str) -> Split:
     if missing:
         raise NfmError(f"tensors file lacks {', '.join(missing)} (needs train.x, train.y, test.x, test.y)", path)
     x, y = tensors[f"{split}.x"], tensors[f"{split}.y"]
-    if not x.is_floating_point() or x.ndim < 2:
-        raise NfmError(f"{split}.x must be floating point [samples, ...], not {x.dtype} {tuple(x.shape)}", path)
+    _check_inputs(x, f"{split}.x", path)
     if y.is_floating_point() or y.dtype == torch.bool or y.ndim != 1 or len(y) != len(x):
         raise NfmError(f"{split}.y must be an integer vector with one label per {split}.x sample, not "
                        f"{y.dtype} {tuple(y.shape)}", path)
     if len(y) == 0:
         raise NfmError(f"{split}.x is empty", path)
-    if not torch.isfinite(x).all():
+    if x.is_floating_point() and not torch.isfinite(x).all():
         raise NfmError(f"{split}.x holds NaN or inf", path)
-    return Split(x.to(torch.float32).contiguous(), y.to(torch.int64))
+    x = x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)   # token ids stay integers
+    return Split(x.contiguous(), y.to(torch.int64))
+
+
+def _check_inputs(x: torch.Tensor, name: str, path: Path) -> None:
+    """Inputs are float (preprocessed values) or signed integers (token ids); uint8 and bool are refused."""
+    if x.ndim < 2:
+        raise NfmError(f"{name} must be [samples, ...] with at least one feature axis, not {tuple(x.shape)}", path)
+    if x.dtype in (torch.uint8, torch.bool):
+        raise NfmError(f"{name} is {x.dtype}: store preprocessed inputs as float (e.g. image bytes / 255) or "
+                       "token ids as int64", path)
+    if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise NfmError(f"{name} must be floating point or integer (token ids) [samples, ...], not {x.dtype}", path)
 
 
 def _imagefolder_split(spec: DataSpec, root: Path, train: bool) -> Split:

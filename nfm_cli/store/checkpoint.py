@@ -76,7 +76,7 @@ class Checkpoint:
         """The training inputs, preprocessed as in training, and the labels exactly as trained on.
         The files are read and the inputs checked against the recorded hash once per ``Checkpoint``."""
         cached = self._training_inputs()
-        x = cached.to(device=device, dtype=self.dtype)
+        x = as_precision(cached, device, self.dtype)
         return (x.clone() if x is cached else x), self.labels.to(device)  # callers may change their copy
 
     def _training_inputs(self) -> torch.Tensor:
@@ -99,7 +99,12 @@ class Checkpoint:
         """The test split (or its seeded subset, as used for the test accuracy)."""
         split = self._split(False)
         idx = subset_indices(len(split), self.config.get("test_size"), self.config["seed"], "test-subset")
-        return split.inputs(idx).to(device=device, dtype=self.dtype), split.y[idx].to(device)
+        return as_precision(split.inputs(idx), device, self.dtype), split.y[idx].to(device)
+
+
+def as_precision(x: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs on ``device``, float ones in the measuring ``dtype``; integer ones (token ids) stay integers."""
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device=device)
 
 
 def tensor_hash(t: torch.Tensor) -> str:
