@@ -52,3 +52,31 @@ def test_every_subpackage_says_what_it_holds_and_imports_nothing():
         tree = ast.parse(init.read_text())
         assert ast.get_docstring(tree), f"{init} has no docstring"
         assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{init} imports"
+
+
+MAX_FUNCTION_LINES = 80    # "functions that fit a screen", signature and docstring included
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``path:line name (N lines)`` for every function or method longer than ``limit`` lines."""
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines = node.end_lineno - first + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_every_function_fits_a_screen():
+    assert not long_functions(ROOT)
+
+
+def test_the_function_length_check_finds_a_long_function(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "m.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n")
+    assert [f.split()[1] for f in long_functions(pkg)] == ["long"]

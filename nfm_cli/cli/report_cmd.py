@@ -61,35 +61,16 @@ def report_command(
     Pearson r, Spearman rho and Kendall tau per group, optionally with scatter plots like the paper's
     Figures 1, 3 and 4, and the hyperparameter-grid scores of the generalization-measure literature
     (--protocol)."""
-    from nfm_cli.report.correlations import (
-        add_protocol,
-        check_group_by,
-        check_names,
-        check_outputs,
-        correlation_table,
-        drop_unconverged,
-        load_runs,
-        write_csv,
-    )
+    from nfm_cli.report.correlations import check_group_by, check_names, check_outputs, write_csv
     y = y.strip().replace("-", "_")
     measures = check_names(_split(x) or list(summary_keys()), y)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
                                                                        if g.strip())
     check_group_by(groups)
     check_outputs(plot, csv_path)
-    with progress_bar(quiet or not console.is_terminal) as on_event:
-        runs, skipped = load_runs(files, y=y, progress=on_event)
-        if max_train_loss is not None:
-            runs, dropped = drop_unconverged(runs, max_train_loss)
-            skipped += dropped
-        table = correlation_table(runs, measures, y=y, group_by=groups)
-        if protocol:
-            add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
-        plots: list[Path] = []
-        if plot is not None:
-            from nfm_cli.report.plots import scatter_plots  # matplotlib only when plotting
-            plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event,
-                                  x_scale="log" if log_x else ("real" if real_x else "rescaled"))
+    x_scale = "log" if log_x else ("real" if real_x else "rescaled")
+    runs, skipped, table, plots = _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap,
+                                             plot, x_scale, quiet)
     written_csv = write_csv(runs, csv_path) if csv_path is not None else None
 
     for path, reason in skipped:
@@ -103,6 +84,25 @@ def report_command(
         return
     _print_tables(runs, table, measures, groups, y, protocol, per_run)
     _print_notes(runs, files, skipped, plots, plot, written_csv)
+
+
+def _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap, plot, x_scale, quiet):
+    """Runs read from ``files``, the skipped ones with reasons, the correlation table (with the protocol
+    scores if asked) and the plots written, under one progress bar."""
+    from nfm_cli.report.correlations import add_protocol, correlation_table, drop_unconverged, load_runs
+    with progress_bar(quiet or not console.is_terminal) as on_event:
+        runs, skipped = load_runs(files, y=y, progress=on_event)
+        if max_train_loss is not None:
+            runs, dropped = drop_unconverged(runs, max_train_loss)
+            skipped += dropped
+        table = correlation_table(runs, measures, y=y, group_by=groups)
+        if protocol:
+            add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
+        plots: list[Path] = []
+        if plot is not None:
+            from nfm_cli.report.plots import scatter_plots  # matplotlib only when plotting
+            plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event, x_scale=x_scale)
+    return runs, skipped, table, plots
 
 
 RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nfm_cli.curvature.graph import PER_SAMPLE_MODULES, CurvaturePlan, plan_curvature, trace
+from nfm_cli.curvature.graph import PER_SAMPLE_MODULES, CurvaturePlan, plan_curvature, qualified, trace, where
 from nfm_cli.curvature.rules import PIECEWISE_LINEAR_RULES, RULES
 from nfm_cli.errors import NfmError
 
@@ -86,24 +86,6 @@ def refusal(name: str, module: nn.Module, why: str) -> NfmError:
     where = f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
     return NfmError(f"the exact Hessian diagonal needs a network that is piecewise linear in each weight; "
                     f"{where} {why}; use --estimator hutchinson (or finite-diff) for this model")
-
-
-def _qualified(target) -> str:
-    try:
-        return fx.node._get_qualified_name(target).replace("_operator.", "operator.")
-    except Exception:  # noqa: BLE001
-        return repr(target)
-
-
-def _where(node: fx.Node, model: nn.Module) -> tuple[str, nn.Module]:
-    """The innermost module whose forward made ``node`` (from fx's module stack)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path in reversed(list(stack)):
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            continue
-    return "", model
 
 
 def _parts(node: fx.Node, variable: set[fx.Node]) -> tuple[list, list]:
@@ -160,7 +142,7 @@ def _operation_problem(node: fx.Node, variable: set[fx.Node], input_dependent: s
         return None
     if target is builtins.getattr and node.args[1] in SHAPE_ATTRIBUTES:
         return None
-    return f"calls {_qualified(target)} on tensors that depend on the weights (not piecewise linear, or not " \
+    return f"calls {qualified(target)} on tensors that depend on the weights (not piecewise linear, or not " \
            "on the list of supported operations)"
 
 
@@ -199,14 +181,14 @@ def _check_graph(model: nn.Module, graph: fx.Graph) -> None:
         elif node.op in ("call_function", "call_method"):
             if not inputs_vary:
                 if node.target in RANDOM or node.target in ("uniform_", "normal_", "bernoulli_", "random_"):
-                    path, owner = _where(node, model)
-                    raise refusal(path, owner, f"draws random numbers ({_qualified(node.target)}) in its forward")
+                    path, owner = where(node, model)
+                    raise refusal(path, owner, f"draws random numbers ({qualified(node.target)}) in its forward")
                 continue
             if _produces_constant(node):
                 continue
             problem = _operation_problem(node, variable, input_dependent)
             if problem is not None:
-                path, owner = _where(node, model)
+                path, owner = where(node, model)
                 raise refusal(path, owner, problem)
             variable.add(node)
             if any(n in input_dependent for n in node.all_input_nodes):

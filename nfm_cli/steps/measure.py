@@ -101,17 +101,7 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
                "seed": seed, "tol": tol, "max_iter": max_iter, "precision": precision,
                "finite_diff_scale": finite_diff_scale if estimator == "finite-diff" else None}
     if out.exists() and not force:
-        art = read_artifact(out, ("measures", "checkpoint", "hessian-diag"))
-        if art.kind != "measures":
-            raise NfmError(f"exists and is a {art.kind} file, not a measures file; choose another --out", out)
-        same = (art.meta.get("parents") or {}).get("checkpoint") == ck.sha256 and all(
-            (art.meta.get("config") or {}).get(k) == v for k, v in options.items())
-        if not same:
-            raise NfmError("exists and was computed from another checkpoint or with other options; "
-                           "use --force to recompute it or choose another --out", out)
-        if rivals and "rivals" not in art.meta["result"]:
-            return _add_rivals(art, ck, samples, seed, resolve_device(device), progress)
-        return MeasureResult(out, "already complete", _with_estimator(art.meta["result"], art.meta), [])
+        return _finished(out, ck, options, rivals, samples, seed, device, progress)
     dev = resolve_device(device)
     paths = intermediate_paths(out, precision)
     hessians = {}
@@ -153,6 +143,22 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
     result.intermediates = list(paths.values()) if keep_intermediate else []
     return result
 
+
+def _finished(out: Path, ck: Checkpoint, options: dict[str, Any], rivals: bool, samples, seed, device,
+              progress: ProgressFn) -> MeasureResult:
+    """An existing ``out``: the finished result if it was computed from ``ck`` with ``options`` (with the
+    rivals added if asked and missing), else the refusal to overwrite it."""
+    art = read_artifact(out, ("measures", "checkpoint", "hessian-diag"))
+    if art.kind != "measures":
+        raise NfmError(f"exists and is a {art.kind} file, not a measures file; choose another --out", out)
+    same = (art.meta.get("parents") or {}).get("checkpoint") == ck.sha256 and all(
+        (art.meta.get("config") or {}).get(k) == v for k, v in options.items())
+    if not same:
+        raise NfmError("exists and was computed from another checkpoint or with other options; "
+                       "use --force to recompute it or choose another --out", out)
+    if rivals and "rivals" not in art.meta["result"]:
+        return _add_rivals(art, ck, samples, seed, resolve_device(device), progress)
+    return MeasureResult(out, "already complete", _with_estimator(art.meta["result"], art.meta), [])
 
 def _with_estimator(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """A finished file's result with the estimator that made it (files from before issue 20 have it in
