@@ -14,7 +14,7 @@ from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.options import Json, Quiet, positive
 from nfm_cli.cli.render import console, plural, print_json, progress_bar, score
 from nfm_cli.measures.registry import summary_keys
-from nfm_cli.store.train_config import LABEL_FIELDS
+from nfm_cli.store.train_config import GROUP_FIELDS
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -27,7 +27,8 @@ def report_command(
                                        help="Measures files (from `nfm measure` / `nfm solve-variance`); "
                                        "other or broken files are skipped with the reason."),
     x: list[str] | None = typer.Option(None, "--x", help="Measure to correlate (repeat, or comma-separate). "
-                                          f"Default: {','.join(summary_keys())}."),
+                                          f"Default: {','.join(summary_keys())}, and the rivals "
+                                          "(nfm measure --rivals) wherever the files hold them."),
     y: str = typer.Option("gap", "--y", help="What the measures should predict (default: the generalization gap, "
                           "train accuracy - test accuracy)."),
     plot: Path | None = typer.Option(None, "--plot", help="Write PNG scatter plots (one per measure, plus "
@@ -39,7 +40,7 @@ def report_command(
     csv_path: Path | None = typer.Option(None, "--csv", help="Write the per-run table (one row per file) here."),
     as_json: Json = False,
     group_by: str = typer.Option(",".join(REPORT_GROUP_BY), "--group-by",
-                                 help=f"Comma-separated run fields to split groups by ({', '.join(LABEL_FIELDS)}), "
+                                 help=f"Comma-separated run fields to split groups by ({', '.join(GROUP_FIELDS)}), "
                                  "or 'none' for one group."),
     protocol: bool = typer.Option(False, "--protocol", help="Also score each measure the way Jiang et al. 2020 "
                                   "and Dziugaite et al. 2020 do over a hyperparameter grid: Kendall tau, granulated "
@@ -63,13 +64,13 @@ def report_command(
     (--protocol)."""
     from nfm_cli.report.correlations import check_group_by, check_names, check_outputs, write_csv
     y = y.strip().replace("-", "_")
-    measures = check_names(_split(x) or list(summary_keys()), y)
+    measures = check_names(_split(x), y) if _split(x) else None    # None: default_measures(runs)
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
                                                                        if g.strip())
     check_group_by(groups)
     check_outputs(plot, csv_path)
     x_scale = "log" if log_x else ("real" if real_x else "rescaled")
-    runs, skipped, table, plots = _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap,
+    runs, skipped, measures, table, plots = _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap,
                                              plot, x_scale, quiet)
     written_csv = write_csv(runs, csv_path) if csv_path is not None else None
 
@@ -87,14 +88,22 @@ def report_command(
 
 
 def _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap, plot, x_scale, quiet):
-    """Runs read from ``files``, the skipped ones with reasons, the correlation table (with the protocol
-    scores if asked) and the plots written, under one progress bar."""
-    from nfm_cli.report.correlations import add_protocol, correlation_table, drop_unconverged, load_runs
+    """Runs read from ``files``, the skipped ones with reasons, the measures correlated (``measures``, or
+    by default those of ``default_measures``), the correlation table (with the protocol scores if asked)
+    and the plots written, under one progress bar."""
+    from nfm_cli.report.correlations import (
+        add_protocol,
+        correlation_table,
+        default_measures,
+        drop_unconverged,
+        load_runs,
+    )
     with progress_bar(quiet or not console.is_terminal) as on_event:
         runs, skipped = load_runs(files, y=y, progress=on_event)
         if max_train_loss is not None:
             runs, dropped = drop_unconverged(runs, max_train_loss)
             skipped += dropped
+        measures = measures or default_measures(runs)
         table = correlation_table(runs, measures, y=y, group_by=groups)
         if protocol:
             add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
@@ -102,7 +111,7 @@ def _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap, 
         if plot is not None:
             from nfm_cli.report.plots import scatter_plots  # matplotlib only when plotting
             plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event, x_scale=x_scale)
-    return runs, skipped, table, plots
+    return runs, skipped, measures, table, plots
 
 
 RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")

@@ -29,12 +29,12 @@ from nfm_cli.choices import REPORT_GROUP_BY as DEFAULT_GROUP_BY
 from nfm_cli.data.registry import DATASET_SPECS
 from nfm_cli.errors import NfmError
 from nfm_cli.measures.registry import DIAGNOSTICS as DIAGNOSTIC_KEYS
-from nfm_cli.measures.registry import RUN_METRICS, measure_keys, summary_keys
+from nfm_cli.measures.registry import RUN_METRICS, measure_keys, rival_keys, summary_keys
 from nfm_cli.report.protocol import make_grid, protocol_scores, varying_axes
 from nfm_cli.runtime.progress import ProgressFn, report
 from nfm_cli.store.artifacts import atomic_write, read_metadata
 from nfm_cli.store.inflight import in_flight_reason
-from nfm_cli.store.train_config import AXIS_FIELDS, LABEL_FIELDS
+from nfm_cli.store.train_config import AXIS_FIELDS, GROUP_FIELDS
 
 DEFAULT_MEASURES = summary_keys()     # the measures correlated by default
 
@@ -44,7 +44,7 @@ DIAGNOSTICS = tuple(DIAGNOSTIC_KEYS)           # other top-level numbers of a re
 METRIC_NUMBERS = tuple(RUN_METRICS)
 # "estimator": the one that made the Hessian diagonals (exact, ggn, hutchinson...): runs of Hessian and
 # Gauss-Newton curvature are grouped apart whenever files differ (``group_runs``)
-METRIC_LABELS = (*LABEL_FIELDS, "estimator")
+METRIC_LABELS = GROUP_FIELDS
 CSV_COLUMNS = MEASURES + DIAGNOSTICS + METRIC_NUMBERS + METRIC_LABELS + ("path",)
 
 EXACT_P_MAX_N = 8  # up to this many runs, p-values are exact permutation p-values (8! orderings)
@@ -73,6 +73,14 @@ def valid_columns(runs: Sequence[dict] = ()) -> list[str]:
                     if k not in known and k not in METRIC_LABELS and k not in ("path", "converged")
                     and isinstance(v, (int, float)) and not isinstance(v, bool)})
     return known + extra
+
+
+def default_measures(runs: Sequence[dict]) -> list[str]:
+    """What ``report`` correlates when no ``--x`` is given: the registry's summary measures, and the
+    rivals of ``measure --rivals`` wherever a file holds them; never diagnostics, nor the variants left out
+    of the summary (the weights-only trace, the log of the spectral product)."""
+    held = {k for run in runs for k, v in run.items() if k in rival_keys() and math.isfinite(_number(v))}
+    return [k for k in MEASURES if k in summary_keys() or k in held]
 
 
 def check_names(measures: Iterable[str], y: str = "gap", runs: Sequence[dict] = ()) -> list[str]:

@@ -67,6 +67,8 @@ GRID_FIELDS = _with("grid")
 RESULT_FIELDS = _with("result")
 AXIS_FIELDS = _with("axis")
 LABEL_FIELDS = _with("label")
+# what `report --group-by` accepts: the run labels and the estimator every measures file records
+GROUP_FIELDS = (*LABEL_FIELDS, "estimator")
 NON_IDENTITY = tuple(name for name in TRAIN_FIELDS if name not in _with("identity"))
 _TYPES = typing.get_type_hints(TrainFields)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nfm_cli.errors import NfmError
+from nfm_cli.measures.registry import summary_keys
 from nfm_cli.report.correlations import (
     CSV_COLUMNS,
     DEFAULT_MEASURES,
@@ -261,3 +262,31 @@ def test_runs_that_missed_the_stopping_criterion_are_left_out_with_the_reason(cl
     assert data["n_runs"] == 3 and sorted(s["path"] for s in data["skipped"]) == [str(files[2]), str(files[3])]
     alone = json.loads(cli("report", *[files[i] for i in (0, 1, 4)], "--json", "--group-by", "none", "-q").out)
     assert data["groups"][0]["correlations"] == alone["groups"][0]["correlations"]
+
+
+def test_report_correlates_the_rivals_by_default_where_the_files_hold_them(cli, tmp_path):
+    """issue 23 item 3: no --x needed for the rivals; none of them when no file holds them; diagnostics never."""
+    plain = [write_measures(tmp_path / f"plain-{i}.safetensors", make_result(0.1 * i, 0.2 * i, seed=i))
+             for i in range(4)]
+    res = cli("report", *plain, "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["measures"] == list(summary_keys())
+    rivals = [write_measures(tmp_path / f"rival-{i}.safetensors",
+                             make_result(0.1 * i, 0.2 * i, seed=i, adaptive_sharpness=1.0 + i * i,
+                                         pacbayes_flatness=4.0 - i)) for i in range(4)]
+    res = cli("report", *plain, *rivals, "--json", "--protocol", "--bootstrap", "0")
+    assert res.code == 0, res.err
+    got = json.loads(res.out)
+    assert got["measures"] == [*summary_keys(), "pacbayes_flatness", "adaptive_sharpness"]
+    (only,) = [g["correlations"] for g in got["groups"]]
+    assert only["adaptive_sharpness"]["n"] == 4 and only["adaptive_sharpness"]["kendall_tau"] == pytest.approx(1.0)
+    assert only["pacbayes_flatness"]["kendall_tau"] == pytest.approx(-1.0)
+    assert "clipped_fraction" not in got["measures"]
+
+
+def test_group_by_help_lists_every_field_it_accepts(cli):
+    res = cli("report", "--help")
+    assert res.code == 0
+    text = " ".join(res.out.split())
+    for field in ("model", "dataset", "seed", "train_size", "epochs", "optimizer", "estimator"):
+        assert field in text, field
