@@ -160,6 +160,7 @@ def _finished(out: Path, ck: Checkpoint, options: dict[str, Any], rivals: bool, 
         return _add_rivals(art, ck, samples, seed, resolve_device(device), progress)
     return MeasureResult(out, "already complete", _with_estimator(art.meta["result"], art.meta), [])
 
+
 def _with_estimator(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """A finished file's result with the estimator that made it (files from before issue 20 have it in
     their config only)."""
