@@ -64,14 +64,15 @@ def report_command(
     (--protocol)."""
     from nfm_cli.report.correlations import check_group_by, check_names, check_outputs, write_csv
     y = y.strip().replace("-", "_")
-    measures = check_names(_split(x), y) if _split(x) else None    # None: default_measures(runs)
+    names = _split(x)
+    measures = check_names(names, y) if names else None    # None: default_measures(runs), once they are read
     groups = () if group_by.strip().lower() in ("", "none") else tuple(g.strip() for g in group_by.split(",")
                                                                        if g.strip())
     check_group_by(groups)
     check_outputs(plot, csv_path)
     x_scale = "log" if log_x else ("real" if real_x else "rescaled")
-    runs, skipped, measures, table, plots = _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap,
-                                             plot, x_scale, quiet)
+    runs, skipped, measures, table, plots = _correlate(files, measures, y, groups, max_train_loss, protocol,
+                                                       bootstrap, plot, x_scale, quiet)
     written_csv = write_csv(runs, csv_path) if csv_path is not None else None
 
     for path, reason in skipped:

@@ -79,8 +79,8 @@ def default_measures(runs: Sequence[dict]) -> list[str]:
     """What ``report`` correlates when no ``--x`` is given: the registry's summary measures, and the
     rivals of ``measure --rivals`` wherever a file holds them; never diagnostics, nor the variants left out
     of the summary (the weights-only trace, the log of the spectral product)."""
-    held = {k for run in runs for k, v in run.items() if k in rival_keys() and math.isfinite(_number(v))}
-    return [k for k in MEASURES if k in summary_keys() or k in held]
+    held = [k for k in rival_keys() if any(math.isfinite(_number(run.get(k))) for run in runs)]
+    return [*DEFAULT_MEASURES, *held]
 
 
 def check_names(measures: Iterable[str], y: str = "gap", runs: Sequence[dict] = ()) -> list[str]:
