@@ -36,7 +36,7 @@ $(STAMP): setup.cfg pyproject.toml
 # The tests run in TEST_WORKERS processes (pytest-xdist; auto = one per core, at most 4); TEST_WORKERS=0 runs
 # them in this process.
 TEST_WORKERS ?= auto
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal)
 
 test: install
 	$(PYTHON) -m pytest -q $(XDIST)
@@ -55,7 +55,7 @@ test-slow: install
 # Reliability, long version: thousands of corrupt-file mutants per artifact kind and repeated SIGKILLs
 # of train / hessian-diag / measure (see RELIABILITY.md). NFM_FUZZ_COUNT sets mutants per kind.
 fuzz: install
-	$(PYTHON) -m pytest -q $(XDIST) -m slow tests/test_reliability_fuzz.py tests/test_reliability_kill.py
+	$(PYTHON) -m pytest -q $(XDIST) -m slow tests/reliability/test_fuzz.py tests/reliability/test_kill.py
 
 # Three MLPs on a Fashion-MNIST subset with 0%, 30% and 100% random labels, each measured, then a
 # per-run table and figure1.png (a few minutes on 2 cores). DATA_DIR=folder and DOWNLOAD=1 are passed

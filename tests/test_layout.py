@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "nfm_cli"
@@ -80,3 +81,23 @@ def test_the_function_length_check_finds_a_long_function(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     (pkg / "m.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n")
     assert [f.split()[1] for f in long_functions(pkg)] == ["long"]
+
+
+REPO = ROOT.parent
+TEST_PATH = re.compile(r"\btests/[\w/]+\.py\b")
+
+
+def stale_test_paths(texts: dict[str, str]) -> list[str]:
+    """Every `tests/....py` a document names that does not exist in the repository."""
+    return [f"{name}: {found}" for name, text in texts.items() for found in TEST_PATH.findall(text)
+            if not (REPO / found).is_file()]
+
+
+def test_every_test_file_the_docs_and_makefile_name_exists():
+    documents = [*REPO.glob("*.md"), *REPO.glob("notes/*.md"), REPO / "Makefile"]
+    assert not stale_test_paths({p.name: p.read_text() for p in documents})
+
+
+def test_the_stale_path_check_finds_a_moved_test_file():
+    assert stale_test_paths({"X.md": "see tests/test_locks.py and tests/store/test_locks.py"}) == \
+        ["X.md: tests/test_locks.py"]

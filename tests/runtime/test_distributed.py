@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nfm_cli.steps.hessian_diag import read_hessian_diagonal
+from nfm_cli.steps.hessian_diag import compute_hessian_diagonal, read_hessian_diagonal
+from nfm_cli.steps.measure import measure_checkpoint
 from nfm_cli.store.artifacts import read_artifact
 
 pytestmark = pytest.mark.integration   # multi-process: `make test` runs these, `make test-fast` skips them
@@ -42,15 +44,29 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _command(args, procs: int) -> list[str]:
+def _command(args, procs: int, entry: tuple[str, ...] = ("-m", "nfm_cli")) -> list[str]:
     if procs == 1:
-        return [sys.executable, "-m", "nfm_cli", *map(str, args)]
+        return [sys.executable, *entry, *map(str, args)]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nfm_cli", *map(str, args)]
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *entry, *map(str, args)]
 
 
-def nfm(*args, procs: int = 1, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(args, procs), capture_output=True, text=True, timeout=TIMEOUT, env=_env(**env))
+def _ranks_command(args, procs: int, entry: tuple[str, ...] = ("-m", "nfm_cli")) -> list[str]:
+    """The ranks started directly, as ``srun`` starts them (one process per rank, the rendezvous in the
+    environment), from a shell that exits with the highest rank status: the same job as torchrun's
+    without its launcher process (a second torch import per run)."""
+    line = " ".join(shlex.quote(a) for a in (sys.executable, *entry, *map(str, args)))
+    # fd 3 keeps the shell's stdin for the ranks (a background job's stdin is /dev/null otherwise)
+    starts = "; ".join(f"RANK={r} LOCAL_RANK={r} {line} <&3 & p{r}=$!" for r in range(procs))
+    waits = "; ".join(f"wait $p{r}; s=$?; [ $s -gt $e ] && e=$s" for r in range(procs))
+    return ["sh", "-c", f"export WORLD_SIZE={procs} MASTER_ADDR=127.0.0.1 MASTER_PORT={_free_port()}; "
+                        f"exec 3<&0; {starts}; e=0; {waits}; exit $e"]
+
+
+def nfm(*args, procs: int = 1, direct: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """``nfm ARGS`` over ``procs`` processes: under torchrun, or with ``direct`` started as srun starts ranks."""
+    command = _ranks_command(args, procs) if direct and procs > 1 else _command(args, procs)
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(**env))
 
 
 def _units_saved(out: Path) -> int:
@@ -63,16 +79,17 @@ def _units_saved(out: Path) -> int:
 
 
 def kill_after_a_save(args, out: Path, procs: int) -> int:
-    """Run ``nfm ARGS`` over ``procs`` processes and SIGKILL the whole job (torchrun and every rank) as soon
-    as ``out`` appears (its first partial save); returns the units saved in it. Fails if the job finished
-    before the kill: the test is about a kill."""
-    proc = subprocess.Popen(_command(args, procs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    """Run ``nfm ARGS`` over ``procs`` ranks (started directly, as srun starts them) and SIGKILL the whole
+    job (launching shell and every rank) as soon as ``out`` appears (its first partial save); returns the
+    units saved in it. Fails if the job finished before the kill: the test is about a kill."""
+    proc = subprocess.Popen(_ranks_command(args, procs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env())
     deadline = time.monotonic() + TIMEOUT
     try:
         while proc.poll() is None and time.monotonic() < deadline and not out.exists():
             time.sleep(0.001)
         assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-500:]}"
-        # torchrun starts its ranks in sessions of their own: kill every process of this test's job
+        # kill every process of this test's job (torchrun would start its ranks in sessions of their own)
         for pid in [proc.pid, *_marked_processes()]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -113,9 +130,8 @@ def ckpt(tiny_checkpoint) -> Path:
 def single_and_dist(ckpt, tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
     single, sharded = folder / "single.safetensors", folder / "dist.safetensors"
-    r1 = nfm("hessian-diag", ckpt, "--out", single, "--batch-size", "16", "--device", "cpu", "-q")
+    compute_hessian_diagonal(ckpt, single, batch_size=16, device="cpu")     # in-process: compared to 1e-6
     r2 = nfm("hessian-diag", ckpt, "--out", sharded, "--batch-size", "16", "--device", "cpu", procs=2)
-    assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     return single, sharded, r2
 
@@ -138,10 +154,10 @@ def test_sharded_exact_diagonal_equals_single_process(single_and_dist):
     assert not _marked_processes()
 
 
-# hutchinson, 40 probes over batches of 4: 40 chunks (one probe each, 32 units), 20 rounds of 2, a save after
-# every round (--save-every 0): long enough for the kill to land after a save and before the end
-KILLED_RUN = ("--estimator", "hutchinson", "--probes", "40", "--batch-size", "4", "--device", "cpu", "-q")
-UNITS_PER_ROUND, UNITS_TOTAL = 2 * 32, 40 * 32
+# hutchinson, 16 probes over batches of 4: 16 chunks (one probe each, 32 units), 8 rounds of 2, a save after
+# every round (--save-every 0): the kill lands at the first save, with 7 rounds still to run
+KILLED_RUN = ("--estimator", "hutchinson", "--probes", "16", "--batch-size", "4", "--device", "cpu", "-q")
+UNITS_PER_ROUND, UNITS_TOTAL = 2 * 32, 16 * 32
 
 
 def test_killed_and_resumed_sharded_run_equals_uninterrupted(ckpt, tmp_path):
@@ -155,7 +171,7 @@ def test_killed_and_resumed_sharded_run_equals_uninterrupted(ckpt, tmp_path):
     assert read_artifact(out).meta["progress"]["complete"] is False
     assert UNITS_PER_ROUND <= saved < UNITS_TOTAL and saved % UNITS_PER_ROUND == 0
     # the same process count continues it (another count works too: see the next test)
-    resumed = nfm(*args, procs=2)
+    resumed = nfm(*args, procs=2, direct=True)
     assert resumed.returncode == 0, resumed.stderr
     assert read_artifact(out).meta["progress"]["complete"] is True
     a, b = read_hessian_diagonal(reference), read_hessian_diagonal(out)
@@ -178,9 +194,8 @@ def test_sharded_partial_file_continues_with_one_process(ckpt, tmp_path):
 
 def test_sharded_measure_equals_single_process(ckpt, tmp_path):
     single, sharded = tmp_path / "m1.safetensors", tmp_path / "m2.safetensors"
-    r1 = nfm("measure", ckpt, "--out", single, "--batch-size", "32", "--device", "cpu", "--json")
+    measure_checkpoint(ckpt, single, batch_size=32, device="cpu")                # in-process: compared to 1e-6
     r2 = nfm("measure", ckpt, "--out", sharded, "--batch-size", "32", "--device", "cpu", "--json", procs=2)
-    assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     a, b = read_artifact(single).meta["result"], read_artifact(sharded).meta["result"]
     for key in ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace", "fisher_rao_norm"):
@@ -202,7 +217,7 @@ def test_sharded_hutchinson_shards_probes(ckpt, tmp_path):
     assert not _marked_processes()
 
 
-# Like tests/test_signals_hessian.py's launcher, as a script for torchrun: each worker prints its rank
+# Like tests/steps/test_hessian_diag_signals.py's launcher, as a script for the ranks: each worker prints its rank
 # and pid; rank 0 echoes the driver's progress reports and waits for a line on stdin at one of them.
 LAUNCH_SCRIPT = """\
 import os, sys
@@ -234,9 +249,9 @@ def test_sigterm_to_a_sharded_run_saves_the_round_and_resumes(ckpt, single_and_d
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCH_SCRIPT)
     out = tmp_path / "signalled.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(launcher), "hessian-diag", str(ckpt), "--out", str(out),
-           "--batch-size", "16", "--device", "cpu", "-q"]
+    # the ranks started directly, as srun starts them (the torchrun launch is tested above)
+    cmd = _ranks_command(("hessian-diag", ckpt, "--out", out, "--batch-size", "16", "--device", "cpu", "-q"), 2,
+                         entry=(str(launcher),))
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(NFM_TEST_PAUSE_AT_REPORT="2"))
     pids, seen = {}, []
