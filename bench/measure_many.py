@@ -71,6 +71,7 @@ def checkpoints(a, e) -> list[Path]:
     folder = a.workdir / "ckpts"
     paths = [folder / f"seed={s}.safetensors" for s in range(RUNS)]
     if not all(p.exists() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
         for s in range(RUNS):
             if not paths[s].exists():
                 run(nfm("train", "--model", "mlp", "--dataset", "fashion-mnist", "--train-size", 1024, "--epochs", 2,
