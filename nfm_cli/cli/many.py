@@ -22,8 +22,8 @@ CheckpointsArg = Annotated[list[Path], typer.Argument(
     help="One or more complete checkpoints written by nfm train, measured one after the other in this "
          "process (each exactly as alone; a failing one gets its error line and the others go on).")]
 
-ROW_HEADER = (f"{'file':>9}  {'status':<16} {'normalized':>12} {'trace':>12} {'gap':>9} {'seconds':>8}  "
-              "checkpoint -> output")
+# the numeric columns of ``nfm measure``'s rows: (key in the row, header, width, significant digits)
+MEASURE_COLUMNS = (("normalized", "normalized", 12, 6), ("trace", "trace", 12, 6), ("gap", "gap", 9, 4))
 
 
 def debug_requested(ctx: typer.Context) -> bool:
@@ -36,12 +36,13 @@ def error_line(message: str) -> str:
     return "nfm: error: " + " ".join(message.split())
 
 
-def outcome_printer(total: int, as_json: bool, quiet: bool,
-                    fields: Callable[[Any], dict[str, Any]]) -> Callable[[Any], None]:
+def outcome_printer(total: int, as_json: bool, quiet: bool, fields: Callable[[Any], dict[str, Any]],
+                    columns: Sequence[tuple[str, str, int, int]] = MEASURE_COLUMNS) -> Callable[[Any], None]:
     """An ``on_outcome`` callback printing one line per file: a table row on stderr (and the output
-    path on stdout), or one JSON object per line on stdout. ``fields(result)`` gives the row's values
-    (``status``, ``path``, ``normalized``, ``trace``, ``gap``) and the JSON object's other keys (``json``)."""
+    path on stdout), or one JSON object per line on stdout. ``fields(result)`` gives the row's
+    ``status``, ``path`` and ``columns`` values, and the JSON object's other keys (``json``)."""
     width = len(str(total))
+    header = [f"{'file':>9}  {'status':<16}"] + [f"{title:>{w}}" for _, title, w, _ in columns]
     header_done = False
 
     def on_outcome(outcome) -> None:
@@ -59,12 +60,12 @@ def outcome_printer(total: int, as_json: bool, quiet: bool,
             return
         if not quiet:
             if not header_done:
-                print_note(ROW_HEADER)
+                print_note(" ".join(header) + f" {'seconds':>8}  checkpoint -> output")
                 header_done = True
+            cells = [f"{number(row.get(key), digits):>{w}}" for key, _, w, digits in columns]
             counter = f"{outcome.index + 1:>{width}}/{total}"
-            print_note(f"{counter:>9}  {row['status']:<16} {number(row.get('normalized')):>12} "
-                       f"{number(row.get('trace')):>12} {number(row.get('gap'), 4):>9} {outcome.seconds:>8.2f}  "
-                       f"{outcome.path} -> {row['path']}")
+            print_note(f"{counter:>9}  {row['status']:<16} " + " ".join(cells)
+                       + f" {outcome.seconds:>8.2f}  {outcome.path} -> {row['path']}")
         typer.echo(str(row["path"]))
 
     return on_outcome
