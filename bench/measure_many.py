@@ -43,6 +43,7 @@ def nfm(*args) -> list[str]:
 
 def environment(a) -> dict[str, str]:
     e = dict(os.environ, PYTHONPATH=str(a.nfm_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e["NFM_BENCH_CWD"] = str(a.workdir)
     if a.data_dir:
         e["NFM_DATA"] = a.data_dir
     if a.threads:
@@ -52,7 +53,9 @@ def environment(a) -> dict[str, str]:
 
 def run(cmd: list[str], e: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd: a folder without nfm_cli (``python -m`` puts the cwd first on sys.path, ahead of --nfm-path)
+    res = subprocess.run(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         cwd=e["NFM_BENCH_CWD"])
     elapsed = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd[:6])} ...\n{res.stderr[-2000:]}")
