@@ -7,6 +7,7 @@ import typer
 
 from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.lock_guard import locked, wait_option
+from nfm_cli.cli.many import CheckpointsArg, debug_requested, finish_many, outcome_printer
 from nfm_cli.cli.options import (
     DEFAULT_ESTIMATOR,
     DEFAULT_PROBES,
@@ -15,7 +16,6 @@ from nfm_cli.cli.options import (
     SOLVER_MAX_ITER,
     SOLVER_TOL,
     BatchSize,
-    CheckpointArg,
     DataDir,
     Device,
     Estimator,
@@ -33,6 +33,7 @@ from nfm_cli.cli.options import (
     Tol,
 )
 from nfm_cli.cli.render import console, print_json, progress_bar, render_summary
+from nfm_cli.errors import NfmError
 
 
 def finish(result, as_json: bool, quiet: bool = False) -> None:
@@ -47,9 +48,10 @@ def finish(result, as_json: bool, quiet: bool = False) -> None:
 
 @command("measure", WORKFLOW)
 def measure_command(
-    checkpoint: CheckpointArg,
+    ctx: typer.Context,
+    checkpoints: CheckpointsArg,
     out: Path | None = typer.Option(None, "--out", "-o", help="Measures file (default: CKPT's name with "
-                                       ".measures.safetensors, next to it)."),
+                                       ".measures.safetensors, next to it); only with one checkpoint."),
     estimator: EstimatorOpt = Estimator(DEFAULT_ESTIMATOR),
     samples: Samples = None,
     probes: Probes = DEFAULT_PROBES,
@@ -75,21 +77,52 @@ def measure_command(
     quiet: Quiet = False,
     wait: bool = wait_option(),
 ) -> None:
-    """Normalized sharpness and its rivals of one checkpoint: Hessian diagonals, Fisher-Rao norm, solve.
+    """Normalized sharpness and its rivals of checkpoints: Hessian diagonals, Fisher-Rao norm, solve.
+
+    Several checkpoints are measured one after the other in this process, each exactly as alone (same
+    outputs, locks, resume and refusals): one line per file on stderr (one JSON object per line on stdout
+    with --json); a failing file gets its error line, the others go on, and the exit status is non-zero.
 
     Ctrl-C or SIGTERM saves the Hessian in progress and exits (130 / 143); rerun the same command to resume.
     """
     from nfm_cli.steps.measure import default_measures_path, measure_checkpoint
-    # one lock for the measures file and its kept Hessian files (named after it)
-    lock = locked(out or default_measures_path(checkpoint), wait, "nfm measure")
-    with lock, progress_bar(quiet or as_json) as progress:
-        result = measure_checkpoint(checkpoint, out, estimator=estimator.value, samples=samples, probes=probes,
-                                    batch_size=batch_size, seed=seed, device=device, precision=precision.value,
-                                    keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter, force=force,
-                                    rivals=rivals, finite_diff_scale=finite_diff_scale, data_dir=data_dir,
-                                    save_every_seconds=save_every, progress=progress)
-    if result.status == "already complete" and not as_json and not quiet:
+    from nfm_cli.steps.measure_many import check_distinct_outputs, count_line, each_file, exit_code
+    if out is not None and len(checkpoints) > 1:
+        raise NfmError(f"--out names one measures file but {len(checkpoints)} checkpoints were given; leave it "
+                       "out (each gets CKPT's name with .measures.safetensors) or measure them one by one")
+    check_distinct_outputs([(c, out or default_measures_path(c)) for c in checkpoints])
+
+    def measure_one(checkpoint: Path, progress) -> object:
+        # one lock for the measures file and its kept Hessian files (named after it)
+        with locked(out or default_measures_path(checkpoint), wait, "nfm measure"):
+            return measure_checkpoint(checkpoint, out, estimator=estimator.value, samples=samples, probes=probes,
+                                      batch_size=batch_size, seed=seed, device=device, precision=precision.value,
+                                      keep_intermediate=keep_intermediate, tol=tol, max_iter=max_iter,
+                                      force=force, rivals=rivals, finite_diff_scale=finite_diff_scale,
+                                      data_dir=data_dir, save_every_seconds=save_every, progress=progress)
+
+    if len(checkpoints) == 1:
+        with progress_bar(quiet or as_json) as progress:
+            result = measure_one(checkpoints[0], progress)
+        _say_status(result, as_json or quiet)
+        finish(result, as_json, quiet)
+        return
+    printer = outcome_printer(len(checkpoints), as_json, quiet, _row_fields)
+    with progress_bar(quiet or as_json) as progress:
+        outcomes = each_file(checkpoints, lambda c: measure_one(c, progress), on_outcome=printer,
+                             raise_internal=debug_requested(ctx), progress=progress)
+    finish_many(outcomes, quiet or as_json, count_line(outcomes), exit_code(outcomes))
+
+
+def _say_status(result, silent: bool) -> None:
+    if result.status == "already complete" and not silent:
         console.print(f"{result.path}: already complete; use --force to recompute")
-    elif result.status == "rivals added" and not as_json and not quiet:
+    elif result.status == "rivals added" and not silent:
         console.print(f"{result.path}: rival measures added")
-    finish(result, as_json, quiet)
+
+
+def _row_fields(result) -> dict:
+    """A measures result's row in the many-checkpoint table, and its JSON line's keys."""
+    r = result.result
+    return {"status": result.status, "path": result.path, "normalized": r.get("normalized_sharpness"),
+            "trace": r.get("hessian_trace"), "gap": (r.get("metrics") or {}).get("gap"), "json": r}

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from nfm_cli.cli import WORKFLOW, command
+from nfm_cli.cli import WORKFLOW, NfmCommand, app, command
+from nfm_cli.cli.many import debug_requested
 from nfm_cli.cli.render import console, print_json, progress_bar
 from nfm_cli.errors import NfmError
 
@@ -26,8 +27,8 @@ def sweep_command(
                                    "run (for xargs -P, GNU parallel, job arrays) and run nothing."),
     index: int | None = typer.Option(None, "--index", help="Run only run INDEX (0-based, in --list order), "
                                         "e.g. $SLURM_ARRAY_TASK_ID."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (each a child process with cores / jobs "
-                             "threads)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once: N worker processes, each with cores / N "
+                             "threads, each training and measuring its share of the runs (1: in this process)."),
     rivals: bool = typer.Option(False, "--rivals", help="Measure the rival measures too (nfm measure --rivals)."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="With --list: the runs as one JSON object instead."),
@@ -71,3 +72,14 @@ def _seeds(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise NfmError(f"--seeds must be comma-separated integers, not {text!r}") from None
+
+
+@app.command("sweep-worker", hidden=True, cls=NfmCommand)
+def sweep_worker_command(ctx: typer.Context) -> None:
+    """A worker of ``nfm sweep --jobs N`` (started by it, not by hand): runs read on stdin, one
+    answer line each on stdout (``nfm_cli.steps.sweep_workers``)."""
+    import sys
+
+    from nfm_cli.steps.sweep_workers import serve
+    serve(iter(sys.stdin.readline, ""), lambda line: (sys.stdout.write(line), sys.stdout.flush()),
+          raise_internal=debug_requested(ctx))

@@ -11,13 +11,15 @@ Splits are small, so they are held as tensors (on the training device); batches 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nfm_cli.data.files import CIFAR_BATCHES, IDX_FILES, cached, read_cifar_split, read_idx_split
+from nfm_cli.data.files import CIFAR_BATCHES, IDX_FILES, cached, fingerprint, read_cifar_split, read_idx_split
 from nfm_cli.data.registry import DATASET_SPECS, dataset_spec
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime.rng import keyed_generator
@@ -168,7 +170,41 @@ def _local_files(name: str, train: bool, root: Path) -> list[Path] | None:
     return None
 
 
+# While ``shared_splits()`` is active (``nfm measure a b c``, a sweep worker), the raw splits read from
+# files are kept in the process, keyed by (dataset, split, the files' paths, sizes and modification times,
+# the disk cache's folder): Fashion-MNIST is read once, not once per checkpoint. The raw bytes are never
+# changed in place (``Split.inputs`` converts a copy) and the labels are handed out as copies, so sharing
+# them cannot change a number; changed files have another key and are read again.
+_raw_splits: dict[tuple[str, bool, str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+RAW_SPLITS_KEPT = 4   # MNIST-sized splits are ~50 MB raw, CIFAR-10's training split 150 MB
+
+
+@contextlib.contextmanager
+def shared_splits() -> Iterator[None]:
+    """Keep the raw splits read inside the block for the rest of it (nested blocks share one store)."""
+    global _raw_splits
+    outer = _raw_splits
+    _raw_splits = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _raw_splits = outer
+
+
 def _read_files(name: str, train: bool, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    if _raw_splits is None:
+        return _decoded(name, train, files)
+    key = (name, train, fingerprint(files), str(cache_dir()))
+    if key not in _raw_splits:
+        raw = _decoded(name, train, files)
+        while len(_raw_splits) >= RAW_SPLITS_KEPT:
+            _raw_splits.pop(next(iter(_raw_splits)))     # the oldest entry
+        _raw_splits[key] = raw
+    x, y = _raw_splits[key]
+    return x, y.clone()
+
+
+def _decoded(name: str, train: bool, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     if dataset_spec(name).layout == "cifar":
         decode = lambda: read_cifar_split(files)  # noqa: E731
     else:

@@ -10,25 +10,24 @@ runs, and every run skips what it finished before (train and measure leave compl
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
+import queue
 import shlex
-import subprocess
-import sys
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nfm_cli.data.datasets import shared_splits
 from nfm_cli.errors import NfmError
 from nfm_cli.runtime import interrupt
 from nfm_cli.runtime.progress import ProgressFn, report
+from nfm_cli.steps.sweep_workers import WorkerPool
 from nfm_cli.steps.train import TrainConfig
 from nfm_cli.store.train_config import GRID_FIELDS, OPTIONAL_FIELDS, fields_of_type
 
@@ -198,92 +197,57 @@ def run_one(run: Run, *, rivals: bool = False, device: str = "auto", progress: P
     return run.measures
 
 
-class _Children:
-    """The child processes of a ``--jobs`` sweep, in sessions of their own (so a terminal's Ctrl-C
-    reaches them only through this process), and the means to pass a signal on to them."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.live: set[subprocess.Popen] = set()
-        self.stopped = False
-
-    def run(self, argv: list[str], env: dict[str, str]) -> tuple[int, str] | None:
-        """(exit code, stderr) of ``argv``; None when the sweep was stopped before it could start."""
-        with self.lock:
-            if self.stopped:
-                return None
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-            self.live.add(proc)
-        try:
-            _, err = proc.communicate()
-        finally:
-            with self.lock:
-                self.live.discard(proc)
-        return proc.returncode, err
-
-    def stop(self, signum: int) -> int:
-        """Start no more children, pass ``signum`` to the running ones (they save their progress) and
-        wait for them; returns how many there were."""
-        with self.lock:
-            self.stopped = True
-            running = list(self.live)
-        for proc in running:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
-        for proc in running:
-            proc.wait()
-        return len(running)
-
-
-def _run_subprocess(children: _Children, run: Run, grid_fields: Sequence[str], rivals: bool, device: str,
-                    threads: int) -> str | None:
-    """The --list line of ``run`` as two child processes; None, or the error line of the failing one."""
-    env = dict(os.environ, NFM_THREADS=str(threads))
-    for args in (train_args(run, grid_fields) + ["--device", device], measure_args(run, rivals) + ["--device", device]):
-        done = children.run([sys.executable, "-m", "nfm_cli", *args], env)
-        if done is None:
-            return "not started: the sweep was interrupted"
-        code, err = done
-        if code != 0:
-            lines = err.strip().splitlines()
-            return lines[-1] if lines else f"exit code {code}"
-    return None
-
-
 def run_all(runs: Sequence[Run], grid_fields: Sequence[str], *, jobs: int = 1, rivals: bool = False,
             device: str = "auto", progress: ProgressFn = None) -> list[Path]:
-    """Every run, ``jobs`` at once (child processes, each with cores / jobs threads; one job runs in
-    this process); finished work is skipped. Raises NfmError naming the failed runs at the end."""
+    """Every run, ``jobs`` at once (worker processes, each with cores / jobs threads, each training and
+    measuring its share of the runs: ``steps.sweep_workers``; one job runs in this process); finished
+    work is skipped. Raises NfmError naming the failed runs at the end."""
     if jobs < 1:
         raise NfmError(f"--jobs must be at least 1, not {jobs}")
     if not runs:
         return []
     runs[0].checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    failures: list[tuple[str, str]] = []
     if jobs == 1:
-        for i, run in enumerate(runs):
-            run_one(run, rivals=rivals, device=device)
-            report(progress, "runs", i + 1, len(runs), run=run.name)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        children = _Children()
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_run_subprocess, children, run, grid_fields, rivals, device, threads)
-                       for run in runs]
-            try:
-                for i, (run, future) in enumerate(zip(runs, futures, strict=True)):
-                    error = future.result()
-                    if error is not None:
-                        failures.append((run.name, error))
-                    report(progress, "runs", i + 1, len(runs), run=run.name)
-            except interrupt.Interrupted as stop:
-                pool.shutdown(wait=False, cancel_futures=True)
-                stopped = children.stop(stop.signum)
-                raise interrupt.Interrupted(stop.signum, f"{stopped} run(s) in progress were stopped and saved "
-                                            f"their progress under {runs[0].checkpoint.parent}") from None
+        with shared_splits():
+            for i, run in enumerate(runs):
+                run_one(run, rivals=rivals, device=device)
+                report(progress, "runs", i + 1, len(runs), run=run.name)
+        return [run.measures for run in runs]
+    failures = _run_in_workers(runs, jobs, rivals, device, progress)
     if failures:
         name, error = failures[0]
         raise NfmError(f"{len(failures)} of {len(runs)} runs failed (first: {name}: {error}); "
                        "rerun the same command to retry them, finished runs are skipped")
     return [run.measures for run in runs]
+
+
+def _run_in_workers(runs: Sequence[Run], jobs: int, rivals: bool, device: str,
+                    progress: ProgressFn) -> list[tuple[str, str]]:
+    """The runs shared by ``jobs`` worker processes; (name, error) of the failed ones, in run order.
+    An interrupt stops the pool (the busy workers save) and goes on with what was stopped."""
+    pool = WorkerPool(runs, jobs, max(1, (os.cpu_count() or 1) // jobs), rivals, device)
+    errors: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=pool.jobs) as threads:
+        feeders = [threads.submit(pool.feed, slot) for slot in range(pool.jobs)]
+        try:
+            for done in range(1, len(runs) + 1):
+                run, error = _next_answer(pool, feeders)
+                if error is not None:
+                    errors[run.index] = error
+                report(progress, "runs", done, len(runs), run=run.name)
+        except interrupt.Interrupted as stop:
+            stopped = pool.stop(stop.signum)
+            raise interrupt.Interrupted(stop.signum, f"{stopped} run(s) in progress were stopped and saved "
+                                        f"their progress under {runs[0].checkpoint.parent}") from None
+    return [(run.name, errors[run.index]) for run in runs if run.index in errors]
+
+
+def _next_answer(pool: WorkerPool, feeders) -> tuple[Run, str | None]:
+    """The next (run, error) from the pool (waiting in short steps, so a signal is handled at once)."""
+    while True:
+        try:
+            return pool.results.get(timeout=0.2)
+        except queue.Empty:
+            for feeder in feeders:
+                if feeder.done() and feeder.exception() is not None:
+                    raise feeder.exception() from None

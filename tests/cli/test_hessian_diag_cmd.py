@@ -15,7 +15,7 @@ from nfm_cli.steps.hessian_diag import compute_hessian_diagonal, read_hessian_di
 from nfm_cli.steps.train import train
 from nfm_cli.store.artifacts import read_artifact
 from nfm_cli.store.checkpoint import load_checkpoint
-from tests.conftest import sha256_of, tiny_config
+from tests.conftest import assert_same_artifact, sha256_of, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,3 +189,22 @@ def test_automatic_batch_size(tiny_checkpoint, tmp_path, monkeypatch):
     assert auto_batch_size(wrn, torch.zeros(1, 3, 32, 32), "exact", 50_000) == 64
     assert auto_batch_size(wrn, torch.zeros(1, 3, 32, 32), "hutchinson", 50_000) == 32
     assert auto_batch_size(models.build("mlp"), torch.zeros(1, 1, 28, 28), "exact", 2048) == 512
+
+
+def test_hessian_diag_over_many_checkpoints(cli, tiny_checkpoint, tmp_path):
+    """Default names next to each checkpoint, a bad file in the middle fails alone, the results equal
+    one call per file's; --out only with one checkpoint."""
+    a, bad, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    shutil.copy(tiny_checkpoint, a)
+    shutil.copy(tiny_checkpoint, c)
+    bad.write_bytes(b"not a checkpoint")
+    res = cli("hessian-diag", a, bad, c, "--loss", "ce", "--device", "cpu")
+    assert res.code == 1
+    assert res.out.split() == [str(tmp_path / "a.hdiag-ce.safetensors"), str(tmp_path / "c.hdiag-ce.safetensors")]
+    assert res.err.count("nfm: error: ") == 1 and f"nfm: error: {bad}: " in res.err
+    assert f"nfm: 3 checkpoints: 2 computed, 1 failed ({bad})" in res.err
+    alone = cli("hessian-diag", c, "--loss", "ce", "--device", "cpu", "-o", tmp_path / "alone.safetensors")
+    assert alone.code == 0, alone.err
+    assert_same_artifact(tmp_path / "c.hdiag-ce.safetensors", tmp_path / "alone.safetensors")
+    refused = cli("hessian-diag", a, c, "-o", tmp_path / "one.safetensors")
+    assert refused.code == 1 and "--out names one hessian-diag file but 2 checkpoints" in refused.err

@@ -94,3 +94,33 @@ def test_synthetic_is_deterministic_and_learnable():
     pred = torch.cdist(test.x.flatten(1), means).argmin(1)
     acc = (pred == test.y).float().mean().item()
     assert 0.5 < acc < 1.0
+
+
+def test_shared_splits_reads_the_files_once_and_hands_out_labels_as_copies(tmp_path, monkeypatch):
+    import os
+
+    from nfm_cli.data import datasets
+    rng = np.random.default_rng(5)
+    images, labels = rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 6)
+    write_idx(tmp_path / "mnist", "train", images, labels, False)
+    write_idx(tmp_path / "mnist", "t10k", images[:2], labels[:2], False)
+    reads = []
+    real = datasets._decoded
+    monkeypatch.setattr(datasets, "_decoded", lambda *a: reads.append(a[1]) or real(*a))
+    expected = (torch.tensor(images, dtype=torch.float32) / 255 - 0.1307) / 0.3081
+    with datasets.shared_splits():
+        first = load_split("mnist", True, data_dir=tmp_path)
+        first.y.zero_()                                        # a caller changing its labels ...
+        with datasets.shared_splits():                         # (nested: the same store)
+            second = load_split("mnist", True, data_dir=tmp_path)
+        assert reads == [True]
+        assert torch.equal(second.y, torch.tensor(labels))    # ... changes no one else's
+        torch.testing.assert_close(second.x[:, 0], expected, rtol=0, atol=0)
+        path = tmp_path / "mnist" / "train-images-idx3-ubyte"  # changed files are read again
+        write_idx(tmp_path / "mnist", "train", images[::-1], labels[::-1], False)
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        changed = load_split("mnist", True, data_dir=tmp_path)
+        torch.testing.assert_close(changed.x[:, 0], expected.flip(0), rtol=0, atol=0)
+        assert reads == [True, True]
+    load_split("mnist", True, data_dir=tmp_path)                # outside the block: no process cache
+    assert reads == [True, True, True]
