@@ -66,6 +66,9 @@ PER_SAMPLE_FUNCTIONS = {
     F.linear, F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm, F.embedding,
     F.scaled_dot_product_attention, F.prelu,
 }
+# Library functions (fx leaves: ``torch.fx.wrap``-ed) taking parameters whose samples are independent along
+# dimension 0, by qualified name (no import of the library here): torchvision's Swin window attention.
+PER_SAMPLE_FUNCTION_NAMES = {"torchvision.models.swin_transformer.shifted_window_attention"}
 PER_SAMPLE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "matmul", "__add__", "__mul__"}
 # Shape queries: their results are constants even on input-dependent tensors.
 SHAPE_METHODS = {"size", "dim", "numel"}
@@ -166,12 +169,14 @@ class Use:
 class CurvaturePlan:
     """The uses of a model's parameters; ``graph`` None when every use is a rule module's call (forward
     hooks suffice), else the fx graph to interpret; ``nonlinear``: why the graph is not piecewise linear
-    in each weight (None: it is, and the exact Hessian diagonal is the Gauss-Newton one)."""
+    in each weight (None: it is, and the exact Hessian diagonal is the Gauss-Newton one); ``checked_folds``:
+    the uses with samples folded into dimension 0 already verified sample-major (``folded.py``)."""
 
     model: nn.Module
     uses: list[Use]
     graph: fx.Graph | None
     nonlinear: NfmError | None = None
+    checked_folds: set[str] = field(default_factory=set)     # folded uses verified sample-major (folded.py)
 
 
 def _module_use(node: fx.Node, model: nn.Module) -> Use:
@@ -321,7 +326,8 @@ def _per_sample_use(node: fx.Node, model: nn.Module, input_dependent: set[fx.Nod
     """The per-sample rule of an operation where parameter-derived values meet input-dependent ones:
     it recomputes the parameter-derived inputs from the parameters, and the operation, per sample."""
     path, owner = where(node, model)
-    allowed = (node.target in PER_SAMPLE_METHODS) if node.op == "call_method" else (node.target in PER_SAMPLE_FUNCTIONS)
+    allowed = (node.target in PER_SAMPLE_METHODS) if node.op == "call_method" else (
+        node.target in PER_SAMPLE_FUNCTIONS or qualified(node.target) in PER_SAMPLE_FUNCTION_NAMES)
     if not allowed:
         raise unsupported(path, owner, f"passes parameters to {qualified(node.target)}, an operation without "
                                        "a rule")
@@ -420,5 +426,6 @@ def _check_single_uses(model: nn.Module, uses: list[Use]) -> None:
                                                        "would be the sum of both uses)")
             first[name] = use
 
-__all__ = ["PER_SAMPLE_MODULES", "PER_SAMPLE_FUNCTIONS", "PER_SAMPLE_METHODS", "Tracer", "Use", "CurvaturePlan",
+__all__ = ["PER_SAMPLE_MODULES", "PER_SAMPLE_FUNCTIONS", "PER_SAMPLE_FUNCTION_NAMES", "PER_SAMPLE_METHODS", "Tracer",
+           "Use", "CurvaturePlan",
            "plan_curvature", "trace", "where", "qualified", "unsupported", "tensor_outputs", "evaluate"]
