@@ -10,7 +10,8 @@ the sum of the G squares. A use whose outputs have B*G rows (G > 1) is *folded*:
   each sample c and a random direction u_c in its logits, the gradient of <f_c, u_c> at the use's
   outputs is exactly zero outside rows c*G .. (c+1)*G - 1 (no path from another sample's rows to
   sample c's logits). That is the property the rules need, read on the graph's own backward; any other
-  order of the rows (window-major, shuffled, mixing samples) is refused naming the layer;
+  order of the rows (window-major, shuffled, mixing samples) is refused naming the layer (the graph is
+  traced for the check when forward hooks suffice for the rest);
 * ``Linear``/``LayerNorm`` (module or functional, token-wise): the closed forms on [B, G*T, C] views of
   input and output gradient (per-sample gradient = sum over all G*T rows of the sample);
 * per-sample rules (relative-position bias tables, torch.nn modules without a closed form): every
@@ -25,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from nfm_cli.curvature.graph import CurvaturePlan, Use, tensor_outputs, unsupported
+from nfm_cli.curvature.graph import CurvaturePlan, Use, tensor_outputs, trace, unsupported
 from nfm_cli.curvature.rules import LayerNormRule, LayerRule, LinearRule, PerSampleRule
 
 CHECKED_SAMPLES = 3
@@ -47,7 +48,7 @@ def folded_uses(model: nn.Module, plan: CurvaturePlan, x: torch.Tensor, outputs:
     folded = set()
     for use in called:
         groups = [groups_of(t, batch) for t in tensor_outputs(outputs[use.node])]
-        if None in groups or (groups and max(groups) > 1 and plan.graph is None):
+        if None in groups:
             raise unsupported(use.path, use.owner, f"has {use.operation} outputs without the samples along "
                                                    "dimension 0")
         if groups and max(groups) > 1:
@@ -83,7 +84,7 @@ class _OutputRecorder(fx.Interpreter):
 def _check_sample_major(model: nn.Module, plan: CurvaturePlan, x: torch.Tensor, uses: dict[str, Use]) -> None:
     """Refuse unless sample c's logits reach only rows c*G .. (c+1)*G - 1 of each folded use's outputs."""
     n = x.shape[0]
-    recorder = _OutputRecorder(model, plan.graph, set(uses))
+    recorder = _OutputRecorder(model, plan.graph if plan.graph is not None else trace(model), set(uses))
     with torch.enable_grad():
         logits = recorder.run(x.detach().clone().requires_grad_(True))
         targets = [(node, t) for node in uses for t in tensor_outputs(recorder.recorded[node]) if t.requires_grad]

@@ -133,3 +133,18 @@ def test_both_refuse_parameters_without_a_rule_or_used_twice_by_name(model, wher
     for name in ("ggn", "auto", "exact"):
         with pytest.raises(NfmError, match=where + ".*--estimator hutchinson"):
             resolve_estimator(name, model.eval())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_swin_gets_ggn_equal_to_the_dense_gauss_newton_diagonal(version):
+    """torchvision's Swin (v1 and v2: cosine attention, logit scale, continuous position bias MLP), tiny:
+    its window attention is one fx-wrapped function taking the parameters, the per-sample rule's."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+    torch.manual_seed(0)
+    v2 = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if version == 2 else {}
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
+                            num_classes=3, **v2).double().eval()
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    assert resolve_estimator("auto", model)[0] == "ggn"
+    got = estimate_diagonal(model, x, y, "normalized-ce", "ggn", batch_size=2).diagonal
+    assert max_relative_error(got, dense_gauss_newton_diagonal(model, x, y, "normalized-ce")) < 1e-10
