@@ -170,7 +170,7 @@ def timings(model, used: str, x: torch.Tensor, y: torch.Tensor, repeats: int) ->
     plan = time.perf_counter() - start
 
     def gradient():
-        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)   # aux heads: unused
 
     def diagonal():
         state = est.initial_state()
@@ -314,7 +314,8 @@ def main() -> None:
         wanted = set(args.only.split(","))
         todo = [t for t in todo if t[1] in wanted]
     rows = read_rows(jsonl) if args.resume else []
-    done = {(r["family"], r["name"]) for r in rows}
+    redo = {t[:2] for t in todo} if args.only else set()      # --only with --resume: measure those again
+    done = {(r["family"], r["name"]) for r in rows} - redo
     started = time.time()
     with jsonl.open("a" if args.resume else "w") as f:
         for family, name, config in todo:
@@ -326,6 +327,12 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
             f.flush()
             print(f"{family} {name}: {_status(row)} {row.get('note', '')} ({row['wall_s']:.0f} s)", flush=True)
+    rows = list({(r["family"], r["name"]): r for r in rows}.values())     # the last row of each model
+    order = {(f, n): i for i, (f, n, _) in enumerate(torchvision_models() + timm_models())}
+    rows.sort(key=lambda r: order.get((r["family"], r["name"]), len(order)))
+    tmp = out / ".coverage.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(jsonl)
     header = (f"Made by `python scripts/coverage.py {' '.join(sys.argv[1:])}` in {time.time() - started:.0f} s; "
               f"{args.samples} samples, {CLASSES} classes, float32, {args.threads} torch thread(s), median of "
               f"{args.repeats} interleaved runs; load average at the end {os.getloadavg()[0]:.1f} "
