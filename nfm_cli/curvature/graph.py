@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import builtins
 import operator
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -97,24 +99,98 @@ def unsupported(name: str, module: nn.Module, why: str) -> NfmError:
 
 
 class Tracer(fx.Tracer):
-    """Leaves: rule layers, per-sample modules and any other torch.nn module (judged as a node);
-    every other module (nn.Sequential, user, torchvision and timm blocks, subclasses) is traced through."""
+    """Leaves: rule layers, per-sample modules and any other torch.nn module (judged as a node), and the
+    ``opaque`` modules (paths) that torch.fx could not trace through; every other module (nn.Sequential,
+    user, torchvision and timm blocks, subclasses) is traced through. ``failed_at``: the innermost module
+    whose forward raised while traced (None: the model's own)."""
+
+    def __init__(self, opaque: frozenset[str] = frozenset()):
+        super().__init__()
+        self.opaque, self.failed_at, self.branch_on_shape = opaque, None, False
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         kind = type(module)
-        if kind in RULES or kind in PER_SAMPLE_MODULES:
+        if kind in RULES or kind in PER_SAMPLE_MODULES or qualified_name in self.opaque:
             return True
         return kind.__module__.startswith(("torch.nn", "torch.ao.nn")) and kind is not nn.Sequential
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.path_of_module(m)
+            raise
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Python control flow on a traced value: fx refuses it; say whether it was a shape."""
+        self.branch_on_shape = _shape_derived(obj.node)
+        return super().to_bool(obj)
+
+
+def _shape_derived(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from tensor shapes and constants only (``x.shape[-2] < 7``)."""
+    if node.op == "call_method" and node.target in SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] in SHAPE_ATTRIBUTES:
+        return True
+    if node.op != "call_function" or node.target not in _SHAPE_ARITHMETIC:
+        return False
+    return all(_shape_derived(n) for n in node.all_input_nodes)
+
+
+_SHAPE_ARITHMETIC = {operator.getitem, operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+                     operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
+                     operator.and_, operator.or_, operator.not_, builtins.len, builtins.min, builtins.max}
+
+
+MAX_OPAQUE = 16
+
 
 def trace(model: nn.Module) -> fx.Graph:
-    """The model's fx graph (``Tracer``); ``NfmError`` naming the model and the failure otherwise."""
-    try:
-        return Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise unsupported("", model, f"cannot be traced with torch.fx to find where its parameters enter "
-                                     f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
+    """The model's fx graph (``Tracer``). Where torch.fx cannot trace a module's forward because it
+    branches on a tensor's *shape* in Python (timm's ``ConvMlp``: ``if x.shape[-2] < 7``), the model is
+    traced again with that module as an opaque leaf (``graph.opaque``: path -> why; ``plan_curvature``
+    gives it the per-sample rule of the module as a whole, run on the real input; ``support`` refuses it
+    for exact: its operations are not read), up to ``MAX_OPAQUE`` modules. Anything else (branches on
+    tensor *values*: the graph changes with the input; untraceable calls; a failure in the model's own
+    forward) is ``NfmError`` naming the layer, its class, what failed and the line of code."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = Tracer(frozenset(opaque))
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
+            why = _trace_failure(exc, tracer.branch_on_shape)
+            path = tracer.failed_at
+            if not path or path in opaque or len(opaque) >= MAX_OPAQUE or not tracer.branch_on_shape:
+                where_ = f"layer {path!r} ({type(model.get_submodule(path)).__name__})" if path else \
+                    f"the model's own forward ({type(model).__name__})"
+                raise unsupported("", model, f"cannot be traced with torch.fx to find where its parameters enter: "
+                                             f"{where_} {why}") from None
+            opaque[path] = why
+            continue
+        graph.opaque = opaque
+        return graph
+
+
+def _trace_failure(exc: Exception, on_shape: bool) -> str:
+    """What failed while tracing, with the line of the model's code that did it (not torch's)."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and f.filename != __file__]
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    if on_shape:
+        text = "branches on a tensor's shape in Python"
+    elif "control flow" in text:
+        text = "branches on tensor values in Python, so its graph changes with the input"
+    else:
+        text = f"raises {type(exc).__name__}{': ' + text if text else ''}"
+    if frames:
+        last = frames[-1]
+        name = "/".join(Path(last.filename).parts[-3:])
+        text += f" ({name}:{last.lineno}: `{(last.line or '').strip()[:80]}`)"
+    return text
 
 
 def where(node: fx.Node, model: nn.Module) -> tuple[str, nn.Module]:
@@ -196,6 +272,10 @@ def _module_use(node: fx.Node, model: nn.Module) -> Use:
         rule = RULES[kind]
         return Use(node.name, node.target, module, kind.__name__, params,
                    lambda args, kwargs, values, budget: rule(module, args[0], budget), module=module)
+    opaque = getattr(node.graph, "opaque", {})
+    if node.target in opaque:
+        return Use(node.name, node.target, module, f"{kind.__name__} (as a whole: torch.fx cannot trace it)",
+                   {k: k for k in params.values()}, _opaque_rule(module, node.target), module=module)
     if kind in PER_SAMPLE_MODULES:
         if getattr(module, "batch_first", True) is False:
             raise unsupported(node.target, module, "has batch_first=False (the rules need samples along "
@@ -223,6 +303,33 @@ def _module_per_sample_rule(module: nn.Module, path: str):
         return PerSampleRule(function, {f"{path}.{k}": v for k, v in params.items()},
                              [leaves[i] for i in positions])
     return make
+
+
+class _GuardedRule(LayerRule):
+    """A per-sample rule of an opaque module: vmap refuses data-dependent Python control flow; that is
+    reported as the module's refusal (the graph changes with the input), not as vmap's traceback."""
+
+    def __init__(self, inner: LayerRule, path: str, module: nn.Module):
+        super().__init__(None, None)
+        self.inner, self.path, self.module = inner, path, module
+
+    def add(self, grad, sign):
+        try:
+            self.inner.add(grad, sign)
+        except RuntimeError as exc:
+            if "data-dependent control flow" not in str(exc) and ".item()" not in str(exc):
+                raise
+            raise unsupported(self.path, self.module, "branches on tensor values in its forward (its graph "
+                                                      "changes with the input), which neither torch.fx nor the "
+                                                      "per-sample rule can follow") from None
+
+    def result(self):
+        return self.inner.result()
+
+
+def _opaque_rule(module: nn.Module, path: str):
+    make = _module_per_sample_rule(module, path)
+    return lambda args, kwargs, values, budget: _GuardedRule(make(args, kwargs, values, budget), path, module)
 
 
 def tensor_outputs(out) -> tuple[torch.Tensor, ...]:

@@ -172,6 +172,9 @@ def _check_graph(model: nn.Module, graph: fx.Graph) -> None:
         elif node.op == "call_module":
             module = model.get_submodule(node.target)
             kind = type(module)
+            if node.target in getattr(graph, "opaque", {}):
+                raise refusal(node.target, module, f"cannot be checked piecewise linear: torch.fx cannot trace "
+                                                   f"its forward ({graph.opaque[node.target]})")
             if kind in RULES and kind not in PIECEWISE_LINEAR_RULES or kind in PER_SAMPLE_MODULES:
                 raise refusal(node.target, module, "is not piecewise linear in its input")
             if kind not in RULES and kind not in PIECEWISE_LINEAR_LEAVES:
