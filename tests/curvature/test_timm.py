@@ -50,3 +50,25 @@ def test_timm_mobilenetv2_gets_exact_equal_to_double_backward():
     scale = max(float(v.abs().max()) for _, v in picks.values())
     for name, (idx, want) in picks.items():
         assert float((got[name].reshape(-1)[idx] - want).abs().max()) <= 1e-10 * scale, name
+
+
+@pytest.mark.slow
+def test_timm_vgg11_bn_whose_head_fx_cannot_trace_gets_ggn_equal_to_double_backward():
+    """timm's ConvMlp head branches on the input's size in Python (torch.fx refuses the whole model):
+    it is measured as a whole by its per-sample gradients (ggn; exact cannot read it), and since the
+    network is piecewise linear those Gauss-Newton entries are Hessian entries: checked by double backward."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model("vgg11_bn", pretrained=False, num_classes=3,
+                                                  mlp_ratio=0.0625)).double().eval()
+    used, why = resolve_estimator("auto", model)
+    assert used == "ggn" and "layer 'pre_logits' (ConvMlp) cannot be checked piecewise linear" in why, why
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64), \
+        torch.tensor([0, 2])
+    got = estimate_diagonal(model, x, y, "ce", "ggn", batch_size=2).diagonal
+    names = [n for n, _ in model.named_parameters()]
+    only = set(names[:2] + [n for n in names if n.startswith("pre_logits")] + names[-2:])
+    picks = spot_diagonal(model, x, y, "ce", per_tensor=2, only=only)
+    assert len(picks) == len(only)
+    scale = max(float(v.abs().max()) for _, v in picks.values())
+    for name, (idx, want) in picks.items():
+        assert float((got[name].reshape(-1)[idx] - want).abs().max()) <= 1e-10 * scale, name
