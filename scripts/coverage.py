@@ -116,14 +116,14 @@ def construct(family: str, name: str, config: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def parameter_count(family: str, name: str, config: dict) -> int:
-    """Parameters of the architecture, read on the meta device (no memory, no init) where it builds there."""
+def unweighted(family: str, name: str, config: dict) -> torch.nn.Module:
+    """The architecture on the meta device (no memory, no init) where it builds there, else for real
+    (some initialisers copy data)."""
     try:
         with torch.device("meta"):
-            model = construct(family, name, config)
-    except Exception:  # noqa: BLE001 -- some initialisers copy data; then build for real
-        model = construct(family, name, config)
-    return sum(p.numel() for p in model.parameters())
+            return construct(family, name, config)
+    except Exception:  # noqa: BLE001
+        return construct(family, name, config)
 
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -192,11 +192,11 @@ def timings(model, used: str, x: torch.Tensor, y: torch.Tensor, repeats: int) ->
 def probe(row: dict, args) -> None:
     """Fill ``row`` (family, name, config) in as it goes (see the module docstring)."""
     family, name, config = row["family"], row["name"], row["config"]
-    count = parameter_count(family, name, config)
+    shell = unweighted(family, name, config)
+    count = sum(p.numel() for p in shell.parameters())
     row["params"] = count
     if count > args.max_params:
-        with torch.device("meta"):
-            row["auto"], row["why"] = choice(construct(family, name, config))
+        row["auto"], row["why"] = choice(shell)
         row["note"] = f"not timed: {count / 1e6:.0f}M parameters, too big for this CPU (--max-params)"
         return
     torch.manual_seed(0)
