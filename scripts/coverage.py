@@ -53,7 +53,8 @@ TORCHVISION_CONFIG = {
 # timm architectures: (name, constructor options); img_size where the constructor fixes the input size.
 TIMM: list[tuple[str, dict]] = [
     ("resnet18", {}), ("resnet50d", {}), ("resnext26ts", {}), ("seresnet18", {}), ("wide_resnet50_2", {}),
-    ("res2net50_14w_8s", {}), ("resnest14d", {}), ("skresnet18", {}), ("vgg11_bn", {}), ("densenet121", {}),
+    ("res2net50_14w_8s", {}), ("resnest14d", {}), ("skresnet18", {}), ("vgg11_bn", dict(mlp_ratio=0.0625)),
+    ("densenet121", {}),
     ("dla34", {}), ("dpn68", {}), ("regnetx_002", {}), ("regnety_002", {}), ("regnetz_b16", {}),
     ("cspresnet50", {}), ("cspdarknet53", {}), ("repvgg_a0", {}), ("selecsls42b", {}), ("hrnet_w18_small", {}),
     ("inception_v3", {}), ("xception41", {}), ("nf_resnet26", {}), ("mobilenetv2_035", {}),
