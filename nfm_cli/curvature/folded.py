@@ -18,7 +18,9 @@ the sum of the G squares. A use whose outputs have B*G rows (G > 1) is *folded*:
   tensor with B*G rows is viewed as [B, G, ...] and the operation is recomputed on one sample's G
   rows (checked once per batch against the recorded output: an operation that does not act row by row
   is refused);
-* conv, batch/group norm and embedding uses on folded rows are refused (no such model is known).
+* other rule modules on folded rows (TNT's pixel-patch ``Conv2d``, BatchNorm, ...): the per-sample rule of
+  the module (torch.func) on one sample's G rows; functional conv/batch_norm/group_norm/embedding calls
+  on folded rows are refused naming the layer.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from nfm_cli.curvature.graph import CurvaturePlan, Use, tensor_outputs, trace, unsupported
-from nfm_cli.curvature.rules import LayerNormRule, LayerRule, LinearRule, PerSampleRule
+from nfm_cli.curvature.graph import CurvaturePlan, Use, module_per_sample_rule, tensor_outputs, trace, unsupported
+from nfm_cli.curvature.rules import RULES, LayerNormRule, LayerRule, LinearRule, PerSampleRule
 
 CHECKED_SAMPLES = 3
 TOKEN_WISE = ("Linear", "linear", "LayerNorm", "layer_norm")
@@ -151,7 +153,10 @@ def folded_rule(use: Use, args, kwargs, values, budget, outputs, batch: int) -> 
         if not isinstance(rule, (LinearRule, LayerNormRule)):
             raise AssertionError(type(rule))
         return _TokenWise(rule, batch)
-    rule = use.make_rule(args, kwargs, values, budget)
+    if use.module is not None and type(use.module) in RULES:     # e.g. Conv2d on image patches (TNT)
+        rule = module_per_sample_rule(use.module, use.path)(args, kwargs, values, budget)
+    else:
+        rule = use.make_rule(args, kwargs, values, budget)
     if not isinstance(rule, PerSampleRule):
         raise unsupported(use.path, use.owner, f"calls {use.operation} on samples folded into dimension 0 "
                                                "(windows), which its rule cannot split")

@@ -28,6 +28,7 @@ torch.export, is not wired in yet).
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 import traceback
 from collections.abc import Callable
@@ -141,7 +142,8 @@ def _shape_derived(node: fx.Node) -> bool:
 
 _SHAPE_ARITHMETIC = {operator.getitem, operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
                      operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
-                     operator.and_, operator.or_, operator.not_, builtins.len, builtins.min, builtins.max}
+                     operator.and_, operator.or_, operator.not_, operator.neg, operator.pow, builtins.len, builtins.min,
+                     builtins.max, builtins.abs, builtins.int, builtins.round, math.ceil, math.floor, math.trunc}
 
 
 MAX_OPAQUE = 16
@@ -159,7 +161,11 @@ def trace(model: nn.Module) -> fx.Graph:
     while True:
         tracer = Tracer(frozenset(opaque))
         try:
-            graph = tracer.trace(model)
+            _clear_tensor_caches(model)
+            try:
+                graph = tracer.trace(model)
+            finally:
+                _clear_tensor_caches(model)
         except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
             why = _trace_failure(exc, tracer.branch_on_shape)
             path = tracer.failed_at
@@ -172,6 +178,20 @@ def trace(model: nn.Module) -> fx.Graph:
             continue
         graph.opaque = opaque
         return graph
+
+
+def _clear_tensor_caches(model: nn.Module) -> None:
+    """Empty the tensor caches modules keep in dict attributes (timm's LeViT / EfficientFormer
+    ``attention_bias_cache``: biases gathered from a parameter once in eval mode). Traced with a cache
+    filled, the parameter's use would be a constant of the graph (its diagonal silently zero); traced
+    with it empty, the cache would keep a Proxy of this trace for the next one. Clearing only costs
+    the module one recomputation."""
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.startswith("_") or not isinstance(value, dict) or not value:
+                continue
+            if all(isinstance(v, (torch.Tensor, fx.Proxy)) for v in value.values()):
+                value.clear()
 
 
 def _trace_failure(exc: Exception, on_shape: bool) -> str:
@@ -281,11 +301,13 @@ def _module_use(node: fx.Node, model: nn.Module) -> Use:
             raise unsupported(node.target, module, "has batch_first=False (the rules need samples along "
                                                    "dimension 0); build it with batch_first=True")
         return Use(node.name, node.target, module, kind.__name__, {k: k for k in params.values()},
-                   _module_per_sample_rule(module, node.target), module=module)
+                   module_per_sample_rule(module, node.target), module=module)
     raise unsupported(node.target, module, "has parameters but no rule for its class")
 
 
-def _module_per_sample_rule(module: nn.Module, path: str):
+def module_per_sample_rule(module: nn.Module, path: str):
+    """``make_rule`` of a module as a whole: ``PerSampleRule`` of ``functional_call(module)`` on the
+    recorded call's tensors (parameters named ``path.local``)."""
     local = {f"{path}.{k}": k for k, _ in module.named_parameters()}
 
     def make(args, kwargs, values, budget):
@@ -328,7 +350,7 @@ class _GuardedRule(LayerRule):
 
 
 def _opaque_rule(module: nn.Module, path: str):
-    make = _module_per_sample_rule(module, path)
+    make = module_per_sample_rule(module, path)
     return lambda args, kwargs, values, budget: _GuardedRule(make(args, kwargs, values, budget), path, module)
 
 
@@ -534,5 +556,5 @@ def _check_single_uses(model: nn.Module, uses: list[Use]) -> None:
             first[name] = use
 
 __all__ = ["PER_SAMPLE_MODULES", "PER_SAMPLE_FUNCTIONS", "PER_SAMPLE_FUNCTION_NAMES", "PER_SAMPLE_METHODS", "Tracer",
-           "Use", "CurvaturePlan",
-           "plan_curvature", "trace", "where", "qualified", "unsupported", "tensor_outputs", "evaluate"]
+           "Use", "CurvaturePlan", "plan_curvature", "module_per_sample_rule", "trace", "where", "qualified",
+           "unsupported", "tensor_outputs", "evaluate"]

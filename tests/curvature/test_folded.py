@@ -1,15 +1,17 @@
 """Samples folded into dimension 0 (window attention, ``curvature/folded.py``): sample-major windows get
-the ggn diagonal equal to the dense float64 Gauss-Newton diagonal, whatever the batch size; any other
-row order, and operations whose rule cannot split folded rows, are refused naming the layer."""
+the ggn diagonal equal to the dense float64 Gauss-Newton diagonal, whatever the batch size, and so does
+a conv module on folded image patches; any other row order, and functional convs on folded rows, are
+refused naming the layer."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nfm_cli.curvature.estimators import estimate_diagonal, resolve_estimator
 from nfm_cli.errors import NfmError
-from tests.conftest import dense_gauss_newton_diagonal, max_relative_error
+from tests.conftest import dense_diagonal, dense_gauss_newton_diagonal, max_relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,13 +108,29 @@ def test_window_major_rows_in_batches_of_one_are_exact():
     assert max_relative_error(got, dense_gauss_newton_diagonal(model, x, y, "ce")) < 1e-10
 
 
-def test_a_conv_on_folded_rows_is_refused_naming_the_layer():
+@pytest.mark.parametrize("estimator", ["exact", "ggn"])
+def test_a_conv_on_folded_rows_gets_the_per_sample_rule_of_the_module(estimator):
+    """As TNT's pixel embedding: a Conv2d on each sample's image quarters stacked along dimension 0;
+    piecewise linear, so exact and ggn both equal the dense float64 Hessian diagonal."""
     model, x, y = _case(FoldedConv)
     assert resolve_estimator("auto", model)[0] == "exact"
-    for estimator in ("exact", "ggn"):
-        with pytest.raises(NfmError, match=r"layer 'conv' \(Conv2d\) calls Conv2d on samples folded into "
-                                           r"dimension 0 .*--estimator hutchinson"):
-            estimate_diagonal(model, x, y, "ce", estimator, batch_size=2)
+    got = estimate_diagonal(model, x, y, "ce", estimator, batch_size=2).diagonal
+    assert max_relative_error(got, dense_diagonal(model, x, y, "ce")) < 1e-10
+
+
+class FunctionalFoldedConv(FoldedConv):
+    def forward(self, x):
+        b, c, h, w = x.shape
+        quarters = x.view(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, h // 2, w // 2)
+        y = torch.relu(F.conv2d(quarters, self.conv.weight, self.conv.bias, padding=1))
+        return self.head(y.view(b, 4, 2, -1).mean(dim=(1, 3)))
+
+
+def test_a_functional_conv_on_folded_rows_is_refused_naming_the_layer():
+    model, x, y = _case(FunctionalFoldedConv)
+    with pytest.raises(NfmError, match=r"the model \(FunctionalFoldedConv\) calls conv2d on samples folded into "
+                                       r"dimension 0 .*--estimator hutchinson"):
+        estimate_diagonal(model, x, y, "ce", "ggn", batch_size=2)
 
 
 def test_folded_linear_layers_alone_take_the_hook_path_and_match_the_dense_diagonal():

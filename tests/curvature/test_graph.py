@@ -113,3 +113,34 @@ def test_a_value_branch_met_by_the_per_sample_rule_is_refused_naming_the_layer()
     with pytest.raises(NfmError, match=r"layer '2' \(ShapeThenValue\) branches on tensor values in its forward "
                                        r"\(its graph changes with the input\)"):
         estimate_diagonal(model, x, y, "ce", "ggn", batch_size=2)
+
+
+class CachedBias(nn.Module):
+    """As timm's LeViT attention biases: gathered from a parameter once and kept in a dict in eval mode."""
+
+    def __init__(self, cache: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(5))
+        self.register_buffer("index", torch.tensor([0, 2, 4]))
+        self.use_cache, self.cache = cache, {}
+
+    def forward(self, x):
+        if not self.use_cache:
+            return self.fc(x) * self.table[self.index]
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.table[self.index]
+        return self.fc(x) * self.cache["bias"]
+
+
+def test_a_tensor_cache_filled_before_tracing_does_not_hide_its_parameter():
+    model, (x, y) = _net(CachedBias()), _data()
+    with torch.no_grad():
+        model(x)                                   # fills the cache, as a real forward does
+    for _ in range(2):                             # traced twice: no Proxy of the first trace is kept
+        got = estimate_diagonal(model, x, y, "ce", "ggn", batch_size=2).diagonal
+        model[2].use_cache = False
+        reference = dense_gauss_newton_diagonal(model, x, y, "ce")
+        model[2].use_cache = True
+        assert float(reference["2.table"].abs().max()) > 0
+        assert max_relative_error(got, reference) < 1e-10
