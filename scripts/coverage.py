@@ -138,10 +138,11 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Modul
     return model
 
 
-def smallest_input(model: torch.nn.Module, samples: int) -> int:
-    """The smallest size of ``SIZES`` whose square RGB input the forward accepts (ValueError if none)."""
+def smallest_input(model: torch.nn.Module, samples: int, built_for: int | None = None) -> int:
+    """The smallest size of ``SIZES`` (and ``built_for``, the size the constructor was given) whose square
+    RGB input the forward accepts (ValueError if none)."""
     problem = None
-    for size in SIZES:
+    for size in sorted(set(SIZES) | ({built_for} if built_for else set())):
         try:
             with torch.no_grad():
                 out = model(torch.zeros(samples, 3, size, size))
@@ -202,7 +203,7 @@ def probe(row: dict, args) -> None:
         return
     torch.manual_seed(0)
     model = randomize_batchnorm(construct(family, name, config))
-    row["input"] = smallest_input(model, args.samples)
+    row["input"] = smallest_input(model, args.samples, config.get("img_size") or config.get("image_size"))
     row["auto"], row["why"] = choice(model)
     if row["auto"] == "refused":
         return
