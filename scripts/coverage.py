@@ -335,10 +335,11 @@ def main() -> None:
     tmp = out / ".coverage.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(jsonl)
-    header = (f"Made by `python scripts/coverage.py {' '.join(sys.argv[1:])}` in {time.time() - started:.0f} s; "
-              f"{args.samples} samples, {CLASSES} classes, float32, {args.threads} torch thread(s), median of "
-              f"{args.repeats} interleaved runs; load average at the end {os.getloadavg()[0]:.1f} "
-              f"(2 shared cores); torch {torch.__version__}.")
+    header = (f"Last run: `python scripts/coverage.py {' '.join(sys.argv[1:])}` ({time.time() - started:.0f} s; "
+              f"with --resume the rows of earlier runs are kept); the rows took {sum(r['wall_s'] for r in rows):.0f} s "
+              f"in all; {args.samples} samples, {CLASSES} classes, float32, {args.threads} torch thread(s), median "
+              f"of {args.repeats} interleaved runs; load average at the end {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores shared with other work; torch {torch.__version__}.")
     tmp = out / ".coverage.md.tmp"
     tmp.write_text(markdown(rows, header))
     tmp.replace(out / "coverage.md")
