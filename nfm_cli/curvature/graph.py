@@ -443,7 +443,7 @@ def evaluate(nodes: list[fx.Node], env: dict[fx.Node, Any], model: nn.Module, pa
             env[n] = getattr(args[0], name)(*args[1:], **kwargs)
         elif n.op == "call_module":
             module = model.get_submodule(n.target)
-            local = {k: params[f"{n.target}.{k}"] for k, _ in module.named_parameters()}
+            local = {k: params.get(f"{n.target}.{k}", v) for k, v in module.named_parameters()}
             env[n] = functional_call(module, local, args, kwargs)
         else:
             raise AssertionError(n.op)
@@ -531,6 +531,8 @@ def plan_curvature(model: nn.Module, graph: fx.Graph | None = None) -> Curvature
             input_dependent.add(node)
         elif derived:
             parameters_of[node] = derived
+    from nfm_cli.curvature.shared import merge_shared_uses  # it imports this module
+    uses = merge_shared_uses(model, graph, uses, input_dependent, _produces_constant)
     _check_single_uses(model, uses)
     hooks_suffice = all(u.module is not None and type(u.module) in RULES for u in uses)
     return CurvaturePlan(model, uses, None if hooks_suffice else graph)

@@ -221,6 +221,11 @@ def curvature_plan(model: nn.Module) -> CurvaturePlan:
     graph = trace(model)
     plan = plan_curvature(model, graph)
     plan.nonlinear = piecewise_linear_problem(model, graph)
+    shared = [u for u in plan.uses if u.operation.endswith("(shared parameters)")]
+    if plan.nonlinear is None and shared:
+        plan.nonlinear = refusal(shared[0].path, shared[0].owner, f"uses parameters at several operations "
+                                 f"({shared[0].operation.replace(' (shared parameters)', '')}: shared weights), so "
+                                 "the logits are not piecewise linear in them")
     return plan
 
 

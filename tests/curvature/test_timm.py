@@ -1,5 +1,5 @@
-"""timm models (where timm is installed; tiny configurations): ``auto`` picks ggn for ViT, ConvNeXt, Swin and
-MobileNetV3, which then equals the dense float64 Gauss-Newton diagonal, and exact for MobileNetV2
+"""timm models (where timm is installed; tiny configurations): ``auto`` picks ggn for ViT, ConvNeXt, Swin, CaiT
+and MobileNetV3, which then equals the dense float64 Gauss-Newton diagonal, and exact for MobileNetV2
 (ReLU6 inside timm's BatchNormAct2d), which equals double-backward Hessian entries (issue 20)."""
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ GGN = {
     # shifted windows (depth 2: the second block shifts), windows folded into dimension 0 (curvature/folded.py)
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=16, patch_size=2, window_size=2, embed_dim=8,
                                                   depths=(2, 2), num_heads=(1, 2)), 16),
+    # the class token enters the class-attention block twice (concatenation, residual sum): curvature/shared.py
+    "cait": ("cait_xxs24_224", dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                    depth_token_only=1), 16),
     "mobilenetv3": pytest.param(("mobilenetv3_small_050", {}, 32), marks=pytest.mark.slow),
 }
 
