@@ -120,7 +120,11 @@ def _merged(model: nn.Module, group: list[Use], last: fx.Node, region: set[fx.No
             return tensor_outputs(env[last])
         named = dict(model.named_parameters())
         return PerSampleRule(function, {n: named[n] for n in names}, [values[s.name] for s in seeds])
-    operation = " + ".join(dict.fromkeys(u.operation for u in group)) + " (shared parameters)"
+    modules = {id(u.module) for u in group}
+    if len(modules) == 1 and group[0].module is not None:
+        operation = f"{group[0].operation} called more than once per forward pass (shared parameters)"
+    else:
+        operation = " + ".join(dict.fromkeys(u.operation for u in group)) + " (shared parameters)"
     return Use(last.name, path, owner, operation, {n: n for n in names}, make, seeds=[s.name for s in seeds])
 
 

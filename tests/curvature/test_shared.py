@@ -46,6 +46,17 @@ class ClassTokenTwice(nn.Module):
         return self.head(cls[:, 0])
 
 
+class LayerTwice(nn.Module):
+    """One Linear module called twice on the same path."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x.mean(1))))
+
+
 class SeparatePaths(ClassTokenTwice):
     def forward(self, x):
         x = self.embed(x)
@@ -72,7 +83,7 @@ def _patches():
     return torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
 
 
-@pytest.mark.parametrize("build,data", [(TiedHead, _tokens), (ClassTokenTwice, _patches)])
+@pytest.mark.parametrize("build,data", [(TiedHead, _tokens), (ClassTokenTwice, _patches), (LayerTwice, _patches)])
 @pytest.mark.parametrize("loss", ["normalized-ce", "ce"])
 def test_uses_of_a_shared_parameter_are_summed_per_sample(build, data, loss):
     torch.manual_seed(0)
@@ -82,7 +93,7 @@ def test_uses_of_a_shared_parameter_are_summed_per_sample(build, data, loss):
     got = estimate_diagonal(model, x, y, loss, "ggn", batch_size=4).diagonal
     reference = dense_gauss_newton_diagonal(model, x, y, loss)
     assert max_relative_error(got, reference) < 1e-10
-    shared = "embed.weight" if build is TiedHead else "cls"
+    shared = {TiedHead: "embed.weight", ClassTokenTwice: "cls", LayerTwice: "fc.weight"}[build]
     assert float((got[shared] - reference[shared]).abs().max()) <= 1e-10 * float(reference[shared].abs().max())
 
 
