@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nfm_cli.curvature.estimators import make_estimator, resolve_estimator  # noqa: E402
+from nfm_cli.curvature.graph import clear_tensor_caches  # noqa: E402
 from nfm_cli.errors import NfmError  # noqa: E402
 
 SIZES = (32, 64, 96, 128, 160, 224, 299)
@@ -172,6 +173,7 @@ def timings(model, used: str, x: torch.Tensor, y: torch.Tensor, repeats: int) ->
     plan = time.perf_counter() - start
 
     def gradient():
+        clear_tensor_caches(model)     # timm's eval-mode attention-bias caches keep the last forward's graph
         torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)   # aux heads: unused
 
     def diagonal():

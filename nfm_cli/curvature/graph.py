@@ -161,11 +161,11 @@ def trace(model: nn.Module) -> fx.Graph:
     while True:
         tracer = Tracer(frozenset(opaque))
         try:
-            _clear_tensor_caches(model)
+            clear_tensor_caches(model)
             try:
                 graph = tracer.trace(model)
             finally:
-                _clear_tensor_caches(model)
+                clear_tensor_caches(model)
         except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
             why = _trace_failure(exc, tracer.branch_on_shape)
             path = tracer.failed_at
@@ -180,7 +180,7 @@ def trace(model: nn.Module) -> fx.Graph:
         return graph
 
 
-def _clear_tensor_caches(model: nn.Module) -> None:
+def clear_tensor_caches(model: nn.Module) -> None:
     """Empty the tensor caches modules keep in dict attributes (timm's LeViT / EfficientFormer
     ``attention_bias_cache``: biases gathered from a parameter once in eval mode). Traced with a cache
     filled, the parameter's use would be a constant of the graph (its diagonal silently zero); traced
@@ -559,4 +559,4 @@ def _check_single_uses(model: nn.Module, uses: list[Use]) -> None:
 
 __all__ = ["PER_SAMPLE_MODULES", "PER_SAMPLE_FUNCTIONS", "PER_SAMPLE_FUNCTION_NAMES", "PER_SAMPLE_METHODS", "Tracer",
            "Use", "CurvaturePlan", "plan_curvature", "module_per_sample_rule", "trace", "where", "qualified",
-           "unsupported", "tensor_outputs", "evaluate"]
+           "unsupported", "tensor_outputs", "evaluate", "clear_tensor_caches"]
