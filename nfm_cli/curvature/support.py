@@ -12,7 +12,8 @@ parameter-free modules are leaves, every other container is traced through, so a
 ``forward`` is read op by op) and every node must be on an explicit allow-list:
 
 * modules (exact class): ``PIECEWISE_LINEAR_LEAVES`` (ReLU, ReLU6, Hardtanh, LeakyReLU, max/avg/adaptive
-  pooling, Flatten, Unflatten, Identity, zero padding, Dropout in eval mode);
+  pooling, Flatten, Unflatten, Identity, zero padding, Dropout in eval mode; Upsample (any mode: a fixed
+  interpolation is linear in its input), Unfold, Fold);
 * functions and Tensor methods: sums and differences (``+``, ``+=``, ``torch.add``, ``torch.cat``, ...),
   products and quotients by constants only, relu/relu6/hardtanh/leaky_relu/clamp with constant bounds,
   pooling, reshapes and indexing, sums and means, ``dropout`` with ``training=False``; shape queries
@@ -42,6 +43,7 @@ PIECEWISE_LINEAR_LEAVES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Unflatten, nn.Identity, nn.ZeroPad1d, nn.ZeroPad2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Unfold, nn.Fold,   # linear in the input
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
 )
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
@@ -54,7 +56,7 @@ UNARY_FUNCTIONS = {
     torch.permute, torch.narrow, torch.chunk, torch.split, torch.t, torch.cat, torch.concat, torch.stack,
     torch.sum, torch.mean, torch.neg, torch.abs, operator.neg, operator.pos, operator.abs, operator.getitem,
     F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad, F.interpolate, F.unfold, F.fold,
 }
 # Linear in all their tensor arguments together.
 SUM_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
