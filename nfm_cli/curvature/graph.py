@@ -18,12 +18,17 @@ decides (issue 20):
   ``F.embedding`` on parameters read directly get the closed-form rules; the other uses on the
   ``PER_SAMPLE_FUNCTIONS``/``PER_SAMPLE_METHODS`` lists get ``rules.PerSampleRule`` (per-sample gradients of
   that operation and its parameter-derived inputs by torch.func; samples along dimension 0).
-* Refused, with the module path, class and operation: a parameter with two uses (its per-sample
-  gradient would be the sum of both, squared: not formed), a leaf module called twice, an operation
-  consuming parameters that is on no list, batch statistics, a graph fx cannot trace.
+* A parameter with several uses (tied weights, a module called twice, CaiT's class token): one rule over
+  the region between the uses (``shared.py``), or refused with the reason. Samples folded into dimension
+  0 (Swin's windows): ``folded.py``.
+* Refused, with the module path, class and operation: an operation consuming parameters that is on no
+  list, batch statistics, Python control flow on tensor values (the graph changes with the input).
 
-Only torch.fx is tried; a model it cannot trace is refused naming the failing part (a second tracer,
-torch.export, is not wired in yet).
+Tracing: torch.fx first; where it fails because a module branches on a tensor's *shape* in Python, the
+model is traced again with that module as an opaque leaf measured as a whole (``trace``). Anything else
+is refused naming the layer, its class, the reason and the line of code. (torch.export / dynamo graphs
+were not used: their aten-level graphs have no modules and lifted parameters, so every rule and the
+piecewise-linearity allow-list would need a second, aten-keyed form.)
 """
 from __future__ import annotations
 
