@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from nfm_cli.curvature.folded import folded_rule, folded_uses
 from nfm_cli.curvature.graph import CurvaturePlan, fetch, tensor_outputs, unsupported
 from nfm_cli.curvature.losses import check_loss_name, degenerate_mask, logit_hessian
 from nfm_cli.curvature.rules import CACHE_ELEMENTS, RULES, CacheBudget, LayerRule
@@ -168,6 +169,7 @@ class CapturedForward:
         if not isinstance(self.logits, torch.Tensor) or self.logits.ndim != 2:
             shape = tuple(self.logits.shape) if isinstance(self.logits, torch.Tensor) else type(self.logits).__name__
             raise NfmError(f"the model returns logits of shape {shape}; expected [batch, classes]")
+        self.folded = folded_uses(model, plan, x, self.outputs, self.called)     # windows (folded.py)
 
     def _hooked_forward(self, x: torch.Tensor) -> None:
         layers = {u.path: u.module for u in self.plan.uses}
@@ -197,11 +199,9 @@ class CapturedForward:
         rules, targets = {}, []
         for use in self.called:
             outputs = tensor_outputs(self.outputs[use.node])
-            if any(t.ndim == 0 or t.shape[0] != batch for t in outputs):
-                raise unsupported(use.path, use.owner, f"has {use.operation} outputs without the samples along "
-                                                       "dimension 0")
             args, kwargs = self.calls[use.node]
-            rules[use.node] = use.make_rule(args, kwargs, self.values, budget)
+            rules[use.node] = folded_rule(use, args, kwargs, self.values, budget, self.outputs[use.node], batch) \
+                if use.node in self.folded else use.make_rule(args, kwargs, self.values, budget)
             targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
         for k in range(directions.shape[0]):
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and

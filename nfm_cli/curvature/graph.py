@@ -18,19 +18,27 @@ decides (issue 20):
   ``F.embedding`` on parameters read directly get the closed-form rules; the other uses on the
   ``PER_SAMPLE_FUNCTIONS``/``PER_SAMPLE_METHODS`` lists get ``rules.PerSampleRule`` (per-sample gradients of
   that operation and its parameter-derived inputs by torch.func; samples along dimension 0).
-* Refused, with the module path, class and operation: a parameter with two uses (its per-sample
-  gradient would be the sum of both, squared: not formed), a leaf module called twice, an operation
-  consuming parameters that is on no list, batch statistics, a graph fx cannot trace.
+* A parameter with several uses (tied weights, a module called twice, CaiT's class token): one rule over
+  the region between the uses (``shared.py``), or refused with the reason. Samples folded into dimension
+  0 (Swin's windows): ``folded.py``.
+* Refused, with the module path, class and operation: an operation consuming parameters that is on no
+  list, batch statistics, Python control flow on tensor values (the graph changes with the input).
 
-Only torch.fx is tried; a model it cannot trace is refused naming the failing part (a second tracer,
-torch.export, is not wired in yet).
+Tracing: torch.fx first; where it fails because a module branches on a tensor's *shape* in Python, the
+model is traced again with that module as an opaque leaf measured as a whole (``trace``). Anything else
+is refused naming the layer, its class, the reason and the line of code. (torch.export / dynamo graphs
+were not used: their aten-level graphs have no modules and lifted parameters, so every rule and the
+piecewise-linearity allow-list would need a second, aten-keyed form.)
 """
 from __future__ import annotations
 
 import builtins
+import math
 import operator
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -66,6 +74,9 @@ PER_SAMPLE_FUNCTIONS = {
     F.linear, F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm, F.embedding,
     F.scaled_dot_product_attention, F.prelu,
 }
+# Library functions (fx leaves: ``torch.fx.wrap``-ed) taking parameters whose samples are independent along
+# dimension 0, by qualified name (no import of the library here): torchvision's Swin window attention.
+PER_SAMPLE_FUNCTION_NAMES = {"torchvision.models.swin_transformer.shifted_window_attention"}
 PER_SAMPLE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "matmul", "__add__", "__mul__"}
 # Shape queries: their results are constants even on input-dependent tensors.
 SHAPE_METHODS = {"size", "dim", "numel"}
@@ -94,24 +105,117 @@ def unsupported(name: str, module: nn.Module, why: str) -> NfmError:
 
 
 class Tracer(fx.Tracer):
-    """Leaves: rule layers, per-sample modules and any other torch.nn module (judged as a node);
-    every other module (nn.Sequential, user, torchvision and timm blocks, subclasses) is traced through."""
+    """Leaves: rule layers, per-sample modules and any other torch.nn module (judged as a node), and the
+    ``opaque`` modules (paths) that torch.fx could not trace through; every other module (nn.Sequential,
+    user, torchvision and timm blocks, subclasses) is traced through. ``failed_at``: the innermost module
+    whose forward raised while traced (None: the model's own)."""
+
+    def __init__(self, opaque: frozenset[str] = frozenset()):
+        super().__init__()
+        self.opaque, self.failed_at, self.branch_on_shape = opaque, None, False
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         kind = type(module)
-        if kind in RULES or kind in PER_SAMPLE_MODULES:
+        if kind in RULES or kind in PER_SAMPLE_MODULES or qualified_name in self.opaque:
             return True
         return kind.__module__.startswith(("torch.nn", "torch.ao.nn")) and kind is not nn.Sequential
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.path_of_module(m)
+            raise
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Python control flow on a traced value: fx refuses it; say whether it was a shape."""
+        self.branch_on_shape = _shape_derived(obj.node)
+        return super().to_bool(obj)
+
+
+def _shape_derived(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from tensor shapes and constants only (``x.shape[-2] < 7``)."""
+    if node.op == "call_method" and node.target in SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] in SHAPE_ATTRIBUTES:
+        return True
+    if node.op != "call_function" or node.target not in _SHAPE_ARITHMETIC:
+        return False
+    return all(_shape_derived(n) for n in node.all_input_nodes)
+
+
+_SHAPE_ARITHMETIC = {operator.getitem, operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+                     operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
+                     operator.and_, operator.or_, operator.not_, operator.neg, operator.pow, builtins.len, builtins.min,
+                     builtins.max, builtins.abs, builtins.int, builtins.round, math.ceil, math.floor, math.trunc}
+
+
+MAX_OPAQUE = 16
+
 
 def trace(model: nn.Module) -> fx.Graph:
-    """The model's fx graph (``Tracer``); ``NfmError`` naming the model and the failure otherwise."""
-    try:
-        return Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise unsupported("", model, f"cannot be traced with torch.fx to find where its parameters enter "
-                                     f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
+    """The model's fx graph (``Tracer``). Where torch.fx cannot trace a module's forward because it
+    branches on a tensor's *shape* in Python (timm's ``ConvMlp``: ``if x.shape[-2] < 7``), the model is
+    traced again with that module as an opaque leaf (``graph.opaque``: path -> why; ``plan_curvature``
+    gives it the per-sample rule of the module as a whole, run on the real input; ``support`` refuses it
+    for exact: its operations are not read), up to ``MAX_OPAQUE`` modules. Anything else (branches on
+    tensor *values*: the graph changes with the input; untraceable calls; a failure in the model's own
+    forward) is ``NfmError`` naming the layer, its class, what failed and the line of code."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = Tracer(frozenset(opaque))
+        try:
+            clear_tensor_caches(model)
+            try:
+                graph = tracer.trace(model)
+            finally:
+                clear_tensor_caches(model)
+        except Exception as exc:  # noqa: BLE001 -- user code may raise anything while traced
+            why = _trace_failure(exc, tracer.branch_on_shape)
+            path = tracer.failed_at
+            if not path or path in opaque or len(opaque) >= MAX_OPAQUE or not tracer.branch_on_shape:
+                where_ = f"layer {path!r} ({type(model.get_submodule(path)).__name__})" if path else \
+                    f"the model's own forward ({type(model).__name__})"
+                raise unsupported("", model, f"cannot be traced with torch.fx to find where its parameters enter: "
+                                             f"{where_} {why}") from None
+            opaque[path] = why
+            continue
+        graph.opaque = opaque
+        return graph
+
+
+def clear_tensor_caches(model: nn.Module) -> None:
+    """Empty the tensor caches modules keep in dict attributes (timm's LeViT / EfficientFormer
+    ``attention_bias_cache``: biases gathered from a parameter once in eval mode). Traced with a cache
+    filled, the parameter's use would be a constant of the graph (its diagonal silently zero); traced
+    with it empty, the cache would keep a Proxy of this trace for the next one. Clearing only costs
+    the module one recomputation."""
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.startswith("_") or not isinstance(value, dict) or not value:
+                continue
+            if all(isinstance(v, (torch.Tensor, fx.Proxy)) for v in value.values()):
+                value.clear()
+
+
+def _trace_failure(exc: Exception, on_shape: bool) -> str:
+    """What failed while tracing, with the line of the model's code that did it (not torch's)."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and f.filename != __file__]
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    if on_shape:
+        text = "branches on a tensor's shape in Python"
+    elif "control flow" in text:
+        text = "branches on tensor values in Python, so its graph changes with the input"
+    else:
+        text = f"raises {type(exc).__name__}{': ' + text if text else ''}"
+    if frames:
+        last = frames[-1]
+        name = "/".join(Path(last.filename).parts[-3:])
+        text += f" ({name}:{last.lineno}: `{(last.line or '').strip()[:80]}`)"
+    return text
 
 
 def where(node: fx.Node, model: nn.Module) -> tuple[str, nn.Module]:
@@ -166,12 +270,14 @@ class Use:
 class CurvaturePlan:
     """The uses of a model's parameters; ``graph`` None when every use is a rule module's call (forward
     hooks suffice), else the fx graph to interpret; ``nonlinear``: why the graph is not piecewise linear
-    in each weight (None: it is, and the exact Hessian diagonal is the Gauss-Newton one)."""
+    in each weight (None: it is, and the exact Hessian diagonal is the Gauss-Newton one); ``checked_folds``:
+    the uses with samples folded into dimension 0 already verified sample-major (``folded.py``)."""
 
     model: nn.Module
     uses: list[Use]
     graph: fx.Graph | None
     nonlinear: NfmError | None = None
+    checked_folds: set[str] = field(default_factory=set)     # folded uses verified sample-major (folded.py)
 
 
 def _module_use(node: fx.Node, model: nn.Module) -> Use:
@@ -191,16 +297,22 @@ def _module_use(node: fx.Node, model: nn.Module) -> Use:
         rule = RULES[kind]
         return Use(node.name, node.target, module, kind.__name__, params,
                    lambda args, kwargs, values, budget: rule(module, args[0], budget), module=module)
+    opaque = getattr(node.graph, "opaque", {})
+    if node.target in opaque:
+        return Use(node.name, node.target, module, f"{kind.__name__} (as a whole: torch.fx cannot trace it)",
+                   {k: k for k in params.values()}, _opaque_rule(module, node.target), module=module)
     if kind in PER_SAMPLE_MODULES:
         if getattr(module, "batch_first", True) is False:
             raise unsupported(node.target, module, "has batch_first=False (the rules need samples along "
                                                    "dimension 0); build it with batch_first=True")
         return Use(node.name, node.target, module, kind.__name__, {k: k for k in params.values()},
-                   _module_per_sample_rule(module, node.target), module=module)
+                   module_per_sample_rule(module, node.target), module=module)
     raise unsupported(node.target, module, "has parameters but no rule for its class")
 
 
-def _module_per_sample_rule(module: nn.Module, path: str):
+def module_per_sample_rule(module: nn.Module, path: str):
+    """``make_rule`` of a module as a whole: ``PerSampleRule`` of ``functional_call(module)`` on the
+    recorded call's tensors (parameters named ``path.local``)."""
     local = {f"{path}.{k}": k for k, _ in module.named_parameters()}
 
     def make(args, kwargs, values, budget):
@@ -218,6 +330,33 @@ def _module_per_sample_rule(module: nn.Module, path: str):
         return PerSampleRule(function, {f"{path}.{k}": v for k, v in params.items()},
                              [leaves[i] for i in positions])
     return make
+
+
+class _GuardedRule(LayerRule):
+    """A per-sample rule of an opaque module: vmap refuses data-dependent Python control flow; that is
+    reported as the module's refusal (the graph changes with the input), not as vmap's traceback."""
+
+    def __init__(self, inner: LayerRule, path: str, module: nn.Module):
+        super().__init__(None, None)
+        self.inner, self.path, self.module = inner, path, module
+
+    def add(self, grad, sign):
+        try:
+            self.inner.add(grad, sign)
+        except RuntimeError as exc:
+            if "data-dependent control flow" not in str(exc) and ".item()" not in str(exc):
+                raise
+            raise unsupported(self.path, self.module, "branches on tensor values in its forward (its graph "
+                                                      "changes with the input), which neither torch.fx nor the "
+                                                      "per-sample rule can follow") from None
+
+    def result(self):
+        return self.inner.result()
+
+
+def _opaque_rule(module: nn.Module, path: str):
+    make = module_per_sample_rule(module, path)
+    return lambda args, kwargs, values, budget: _GuardedRule(make(args, kwargs, values, budget), path, module)
 
 
 def tensor_outputs(out) -> tuple[torch.Tensor, ...]:
@@ -309,7 +448,7 @@ def evaluate(nodes: list[fx.Node], env: dict[fx.Node, Any], model: nn.Module, pa
             env[n] = getattr(args[0], name)(*args[1:], **kwargs)
         elif n.op == "call_module":
             module = model.get_submodule(n.target)
-            local = {k: params[f"{n.target}.{k}"] for k, _ in module.named_parameters()}
+            local = {k: params.get(f"{n.target}.{k}", v) for k, v in module.named_parameters()}
             env[n] = functional_call(module, local, args, kwargs)
         else:
             raise AssertionError(n.op)
@@ -321,7 +460,8 @@ def _per_sample_use(node: fx.Node, model: nn.Module, input_dependent: set[fx.Nod
     """The per-sample rule of an operation where parameter-derived values meet input-dependent ones:
     it recomputes the parameter-derived inputs from the parameters, and the operation, per sample."""
     path, owner = where(node, model)
-    allowed = (node.target in PER_SAMPLE_METHODS) if node.op == "call_method" else (node.target in PER_SAMPLE_FUNCTIONS)
+    allowed = (node.target in PER_SAMPLE_METHODS) if node.op == "call_method" else (
+        node.target in PER_SAMPLE_FUNCTIONS or qualified(node.target) in PER_SAMPLE_FUNCTION_NAMES)
     if not allowed:
         raise unsupported(path, owner, f"passes parameters to {qualified(node.target)}, an operation without "
                                        "a rule")
@@ -396,6 +536,8 @@ def plan_curvature(model: nn.Module, graph: fx.Graph | None = None) -> Curvature
             input_dependent.add(node)
         elif derived:
             parameters_of[node] = derived
+    from nfm_cli.curvature.shared import merge_shared_uses  # it imports this module
+    uses = merge_shared_uses(model, graph, uses, input_dependent, _produces_constant)
     _check_single_uses(model, uses)
     hooks_suffice = all(u.module is not None and type(u.module) in RULES for u in uses)
     return CurvaturePlan(model, uses, None if hooks_suffice else graph)
@@ -420,5 +562,6 @@ def _check_single_uses(model: nn.Module, uses: list[Use]) -> None:
                                                        "would be the sum of both uses)")
             first[name] = use
 
-__all__ = ["PER_SAMPLE_MODULES", "PER_SAMPLE_FUNCTIONS", "PER_SAMPLE_METHODS", "Tracer", "Use", "CurvaturePlan",
-           "plan_curvature", "trace", "where", "qualified", "unsupported", "tensor_outputs", "evaluate"]
+__all__ = ["PER_SAMPLE_MODULES", "PER_SAMPLE_FUNCTIONS", "PER_SAMPLE_FUNCTION_NAMES", "PER_SAMPLE_METHODS", "Tracer",
+           "Use", "CurvaturePlan", "plan_curvature", "module_per_sample_rule", "trace", "where", "qualified",
+           "unsupported", "tensor_outputs", "evaluate", "clear_tensor_caches"]

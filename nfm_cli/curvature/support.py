@@ -12,7 +12,8 @@ parameter-free modules are leaves, every other container is traced through, so a
 ``forward`` is read op by op) and every node must be on an explicit allow-list:
 
 * modules (exact class): ``PIECEWISE_LINEAR_LEAVES`` (ReLU, ReLU6, Hardtanh, LeakyReLU, max/avg/adaptive
-  pooling, Flatten, Unflatten, Identity, zero padding, Dropout in eval mode);
+  pooling, Flatten, Unflatten, Identity, zero padding, Dropout in eval mode; Upsample (any mode: a fixed
+  interpolation is linear in its input), Unfold, Fold);
 * functions and Tensor methods: sums and differences (``+``, ``+=``, ``torch.add``, ``torch.cat``, ...),
   products and quotients by constants only, relu/relu6/hardtanh/leaky_relu/clamp with constant bounds,
   pooling, reshapes and indexing, sums and means, ``dropout`` with ``training=False``; shape queries
@@ -42,6 +43,7 @@ PIECEWISE_LINEAR_LEAVES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Unflatten, nn.Identity, nn.ZeroPad1d, nn.ZeroPad2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Unfold, nn.Fold,   # linear in the input
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
 )
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
@@ -54,7 +56,7 @@ UNARY_FUNCTIONS = {
     torch.permute, torch.narrow, torch.chunk, torch.split, torch.t, torch.cat, torch.concat, torch.stack,
     torch.sum, torch.mean, torch.neg, torch.abs, operator.neg, operator.pos, operator.abs, operator.getitem,
     F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad, F.interpolate, F.unfold, F.fold,
 }
 # Linear in all their tensor arguments together.
 SUM_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
@@ -172,6 +174,9 @@ def _check_graph(model: nn.Module, graph: fx.Graph) -> None:
         elif node.op == "call_module":
             module = model.get_submodule(node.target)
             kind = type(module)
+            if node.target in getattr(graph, "opaque", {}):
+                raise refusal(node.target, module, f"cannot be checked piecewise linear: torch.fx cannot trace "
+                                                   f"its forward ({graph.opaque[node.target]})")
             if kind in RULES and kind not in PIECEWISE_LINEAR_RULES or kind in PER_SAMPLE_MODULES:
                 raise refusal(node.target, module, "is not piecewise linear in its input")
             if kind not in RULES and kind not in PIECEWISE_LINEAR_LEAVES:
@@ -218,6 +223,11 @@ def curvature_plan(model: nn.Module) -> CurvaturePlan:
     graph = trace(model)
     plan = plan_curvature(model, graph)
     plan.nonlinear = piecewise_linear_problem(model, graph)
+    shared = [u for u in plan.uses if u.operation.endswith("(shared parameters)")]
+    if plan.nonlinear is None and shared:
+        plan.nonlinear = refusal(shared[0].path, shared[0].owner, f"uses parameters at several operations "
+                                 f"({shared[0].operation.replace(' (shared parameters)', '')}: shared weights), so "
+                                 "the logits are not piecewise linear in them")
     return plan
 
 

@@ -197,3 +197,15 @@ def test_depthwise_layout_closed_form():
     sol = solve_layer(w2, h)
     expected = float((2 * ((w ** 2).sum((1, 2, 3)) * hd.sum((1, 2, 3))).sqrt()).sum())
     assert sol.value == pytest.approx(expected, rel=1e-12) and sol.cores == 5 and sol.converged
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_upsampling_is_linear_in_its_input_and_gets_exact(mode):
+    """As HRNet's fuse layers: upsampled branches summed; any fixed interpolation is linear in its input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode=mode),
+                          nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    check_exact_supported(model)
+    x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    got = exact_diagonal(model, x, y, "ce")
+    assert max_relative_error(got, dense_diagonal(model, x, y, "ce")) < 1e-10
