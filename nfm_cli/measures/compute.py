@@ -36,9 +36,17 @@ from nfm_cli.runtime.progress import ProgressFn, report
 
 
 def spectral_norm(matrix: torch.Tensor) -> float:
-    """Largest singular value. scipy's LAPACK call: torch's multi-threaded SVD on a busy 2-core CPU
-    took 5-10 s for a 512 x 784 matrix where this takes 0.2 s."""
-    return float(scipy.linalg.svdvals(matrix.detach().cpu().numpy(), check_finite=False)[0]) if matrix.numel() else 0.0
+    """Largest singular value, as the square root of the largest eigenvalue of the smaller Gram matrix
+    (M M^T or M^T M, float64), computed alone (LAPACK's dsyevr with an index range). The eigenvalue has
+    an absolute error of a few eps * sigma_1^2, so sigma_1 is exact to float64 rounding; it costs one
+    matrix product and a tridiagonalisation instead of a full SVD (a 512 x 784 layer: 0.07 s against
+    0.25-1.8 s for ``svdvals`` on this loaded 2-core CPU, and 5-10 s for torch's multi-threaded SVD)."""
+    if not matrix.numel():
+        return 0.0
+    m = matrix.detach().to("cpu", torch.float64).numpy()
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    top = scipy.linalg.eigvalsh(gram, subset_by_index=[len(gram) - 1, len(gram) - 1], check_finite=False)[0]
+    return math.sqrt(max(float(top), 0.0))
 
 
 @dataclass

@@ -2,13 +2,14 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import nfm_models as models
 from nfm_cli.curvature.exact import exact_diagonal
-from nfm_cli.measures.compute import compute_measures
+from nfm_cli.measures.compute import compute_measures, spectral_norm
 from nfm_cli.measures.fisher_rao import fisher_rao_norm
 from nfm_cli.measures.matrices import weight_matrices
 from nfm_cli.measures.variance import solve_layer, to_matrix
@@ -149,3 +150,15 @@ def test_degenerate_layers_give_finite_measures():
     assert all(math.isfinite(v) for k, v in summary.items() if isinstance(v, float))
     assert summary["spectral_norm_product"] == 0.0 and summary["log_spectral_norm_product"] is None
     assert summary["layers"]["3.weight"]["normalized_sharpness"] == 0.0
+
+
+def test_spectral_norm_equals_the_largest_singular_value_of_an_svd():
+    assert spectral_norm(torch.tensor([[3.0, 0.0], [0.0, -4.0]])) == 4.0           # by hand
+    assert spectral_norm(torch.zeros(3, 5)) == 0.0 and spectral_norm(torch.zeros(0, 4)) == 0.0
+    gen = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(40, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 30, generator=gen,
+                                                                                   dtype=torch.float64)
+    for m in (torch.randn(64, 200, generator=gen, dtype=torch.float64), torch.randn(200, 64, generator=gen),
+              low_rank, torch.randn(1, 7, generator=gen, dtype=torch.float64)):
+        reference = float(np.linalg.svd(m.double().numpy(), compute_uv=False)[0])
+        assert abs(spectral_norm(m) - reference) <= 1e-14 * reference
