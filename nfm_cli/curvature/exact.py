@@ -40,6 +40,7 @@ from nfm_cli.curvature.losses import check_loss_name, degenerate_mask, logit_hes
 from nfm_cli.curvature.rules import CACHE_ELEMENTS, RULES, CacheBudget, LayerRule
 from nfm_cli.curvature.support import PIECEWISE_LINEAR_LEAVES, check_exact_supported, parameterised_layers
 from nfm_cli.errors import NfmError
+from nfm_cli.runtime.memory import available_bytes
 
 # --------------------------------------------------------------------------------------------
 # One batch
@@ -190,9 +191,31 @@ class CapturedForward:
 
     def square_sums(self, directions: torch.Tensor, signs: torch.Tensor) -> dict[str, torch.Tensor]:
         """{parameter name: sum_d sum_b s_db (J_b^T v_db)^2} in float64, for directions v [D, B, K] in the
-        logits with signs s [D, B] (one backward pass each; the graph is freed after the last)."""
+        logits with signs s [D, B]: one backward pass each, their output gradients stacked into groups of
+        directions (``direction_group``) that the rules take at once (``LayerRule.add_batch``)."""
         budget = CacheBudget(CACHE_ELEMENTS, directions.shape[0], self.logits.device,
                              self.logits.element_size())
+        rules, targets = self._rules_and_targets(budget)
+        total = directions.shape[0]
+        group = direction_group(total, sum(t.numel() for _, _, t in targets), self.logits)
+        for start in range(0, total, group):
+            stop = min(total, start + group)
+            stacked = self._output_gradients(directions, start, stop, targets)
+            for use in self.called:
+                if use.node in stacked:
+                    grads = _stacked_output_gradients(self.outputs[use.node], stacked[use.node], stop - start)
+                    rules[use.node].add_batch(grads, signs[start:stop])
+            del stacked
+        named = dict(self.model.named_parameters())
+        sums: dict[str, torch.Tensor] = {}
+        for use in self.called:
+            for local, value in rules[use.node].result().items():
+                sums[use.params.get(local, local)] = value.detach().to(torch.float64)
+        return {name: sums[name].reshape(param.shape) if name in sums else        # unused parameters: zero
+                torch.zeros(param.shape, dtype=torch.float64, device=param.device) for name, param in named.items()}
+
+    def _rules_and_targets(self, budget: CacheBudget) -> tuple[dict[str, LayerRule], list]:
+        """The rule of every called use, and the (node, output index, tensor) whose gradients they need."""
         batch = self.logits.shape[0]
         rules, targets = {}, []
         for use in self.called:
@@ -203,34 +226,52 @@ class CapturedForward:
             args, kwargs = self.calls[use.node]
             rules[use.node] = use.make_rule(args, kwargs, self.values, budget)
             targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
-        for k in range(directions.shape[0]):
+        return rules, targets
+
+    def _output_gradients(self, directions: torch.Tensor, start: int, stop: int, targets: list
+                          ) -> dict[str, dict[int, torch.Tensor]]:
+        """{node: {output index: [stop - start, B, ...]}}: the gradients of directions start..stop at the
+        targets, one backward pass each, written into one stacked tensor per target."""
+        stacked: dict[str, dict[int, torch.Tensor]] = {}
+        last = directions.shape[0] - 1
+        for k in range(start, stop):
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
             # the product hands the logits 1.0 * v = v), without grad_outputs, whose shape check in
             # torch.autograd imports sympy (~0.3 s of every process)
             grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
-                                        retain_graph=k < directions.shape[0] - 1, allow_unused=True)
-            by_use: dict[str, dict[int, torch.Tensor]] = {}
+                                        retain_graph=k < last, allow_unused=True)
             for (node, i, _), grad in zip(targets, grads, strict=True):
-                if grad is not None:
-                    by_use.setdefault(node, {})[i] = grad
-            for use in self.called:
-                if use.node in by_use:
-                    rules[use.node].add(_output_gradients(self.outputs[use.node], by_use[use.node]), signs[k])
-        named = dict(self.model.named_parameters())
-        sums: dict[str, torch.Tensor] = {}
-        for use in self.called:
-            for local, value in rules[use.node].result().items():
-                sums[use.params.get(local, local)] = value.detach().to(torch.float64)
-        return {name: sums[name].reshape(param.shape) if name in sums else        # unused parameters: zero
-                torch.zeros(param.shape, dtype=torch.float64, device=param.device) for name, param in named.items()}
+                if grad is None:
+                    continue
+                per_node = stacked.setdefault(node, {})
+                if i not in per_node:
+                    per_node[i] = grad.new_zeros((stop - start, *grad.shape))
+                per_node[i][k - start].copy_(grad)
+        return stacked
 
 
-def _output_gradients(output, grads: dict[int, torch.Tensor]):
-    """The gradient of a single-tensor output, or a tuple (zeros where an output got none)."""
+# Share of the free memory (``runtime.memory``) the stacked output gradients of one group of directions
+# may take; the whole K-1 when they fit.
+DIRECTION_STACK_SHARE = 1 / 8
+
+
+def direction_group(directions: int, elements_per_direction: int, like: torch.Tensor) -> int:
+    """How many directions to stack at once: all of them unless their output gradients (elements per
+    direction, in ``like``'s dtype) exceed ``DIRECTION_STACK_SHARE`` of the free memory; at least 1."""
+    available = available_bytes(like.device)
+    if available is None or directions <= 1:
+        return max(1, directions)
+    fits = int(DIRECTION_STACK_SHARE * available) // max(1, elements_per_direction * like.element_size())
+    return max(1, min(directions, fits))
+
+
+def _stacked_output_gradients(output, grads: dict[int, torch.Tensor], count: int):
+    """The stacked gradient [count, B, ...] of a single-tensor output, or a tuple (zeros where an
+    output got none)."""
     outputs = tensor_outputs(output)
     if len(outputs) == 1:
         return grads[0]
-    return tuple(grads[i] if i in grads else torch.zeros_like(t) for i, t in enumerate(outputs))
+    return tuple(grads[i] if i in grads else t.new_zeros((count, *t.shape)) for i, t in enumerate(outputs))
 
 
 def layer_square_sums(model: nn.Module, x: torch.Tensor, directions_of, layers: CurvaturePlan | None = None
