@@ -73,18 +73,19 @@ def logit_hessian_factor(logits: torch.Tensor, labels: torch.Tensor, loss: str
 
 
 @contextlib.contextmanager
-def _capture_layers(layers: dict[str, nn.Module], records: dict[str, list], protect: bool = False):
-    """Record (input, output, output version) of each layer call. ``protect``: hand a clone of the
-    output downstream, so an in-place operation there (ReLU(inplace=True), ``out += skip``) cannot
-    overwrite the tensor whose gradient we need."""
+def _capture_layers(layers: dict[str, nn.Module], records: dict[str, list], clone_inputs: bool = False):
+    """Record (input, output, input version) of each layer call and hand a clone of the output downstream,
+    so an in-place operation there (ReLU(inplace=True), ``out += skip``) cannot overwrite the tensor
+    whose gradient we need. ``clone_inputs``: record clones of the inputs too (for a graph that
+    modifies a layer input in place after the layer; the version tells)."""
     handles = []
 
     def hook(name):
         def capture(module, inputs, output):
             layer_input = inputs[0].detach()
-            layer_input = layer_input.clone() if protect else layer_input
-            records.setdefault(name, []).append((layer_input, output, (layer_input._version, output._version)))
-            return output.clone() if protect else None
+            layer_input = layer_input.clone() if clone_inputs else layer_input
+            records.setdefault(name, []).append((layer_input, output, layer_input._version))
+            return output.clone()
         return capture
 
     try:
@@ -171,13 +172,15 @@ class CapturedForward:
             raise NfmError(f"the model returns logits of shape {shape}; expected [batch, classes]")
 
     def _hooked_forward(self, x: torch.Tensor) -> None:
+        """Forward hooks on the rule modules, their outputs handed downstream as clones: an in-place
+        operation after a layer (resnet's ReLU(inplace=True)) would otherwise overwrite the tensor whose
+        gradient the rules need; a clone costs far less than the second forward it used to take."""
         layers = {u.path: u.module for u in self.plan.uses}
         records: dict[str, list] = {}
         with _parameters_require_grad(self.model), _capture_layers(layers, records), torch.enable_grad():
             logits = self.model(x)
-        if any((inp._version, out._version) != versions for calls in records.values()
-               for inp, out, versions in calls):
-            records = {}                 # a layer output was modified in place: forward again, protected
+        if any(inp._version != version for calls in records.values() for inp, _, version in calls):
+            records = {}                 # a layer input was modified in place: forward again, inputs cloned
             with _parameters_require_grad(self.model), _capture_layers(layers, records, True), torch.enable_grad():
                 logits = self.model(x)
         for name, calls in records.items():
@@ -231,8 +234,8 @@ class CapturedForward:
     def _output_gradients(self, directions: torch.Tensor, start: int, stop: int, targets: list
                           ) -> dict[str, dict[int, torch.Tensor]]:
         """{node: {output index: [stop - start, B, ...]}}: the gradients of directions start..stop at the
-        targets, one backward pass each, written into one stacked tensor per target."""
-        stacked: dict[str, dict[int, torch.Tensor]] = {}
+        targets, one backward pass each, stacked per target (zeros where a direction reached none)."""
+        per_target: list[list] = [[] for _ in targets]
         last = directions.shape[0] - 1
         for k in range(start, stop):
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
@@ -240,13 +243,13 @@ class CapturedForward:
             # torch.autograd imports sympy (~0.3 s of every process)
             grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
                                         retain_graph=k < last, allow_unused=True)
-            for (node, i, _), grad in zip(targets, grads, strict=True):
-                if grad is None:
-                    continue
-                per_node = stacked.setdefault(node, {})
-                if i not in per_node:
-                    per_node[i] = grad.new_zeros((stop - start, *grad.shape))
-                per_node[i][k - start].copy_(grad)
+            for collected, grad in zip(per_target, grads, strict=True):
+                collected.append(grad)
+        stacked: dict[str, dict[int, torch.Tensor]] = {}
+        for (node, i, t), collected in zip(targets, per_target, strict=True):
+            if any(g is not None for g in collected):
+                grads = [torch.zeros_like(t) if g is None else g for g in collected]
+                stacked.setdefault(node, {})[i] = torch.stack(grads) if len(grads) > 1 else grads[0].unsqueeze(0)
         return stacked
 
 
