@@ -192,10 +192,12 @@ class CapturedForward:
         self.outputs = {u.node: records[u.path][0][1] for u in self.called}
         self.values = {}
 
-    def square_sums(self, directions: torch.Tensor, signs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def square_sums(self, directions: torch.Tensor, signs: torch.Tensor, keep_graph: bool = False
+                    ) -> dict[str, torch.Tensor]:
         """{parameter name: sum_d sum_b s_db (J_b^T v_db)^2} in float64, for directions v [D, B, K] in the
         logits with signs s [D, B]: one backward pass each, their output gradients stacked into groups of
-        directions (``direction_group``) that the rules take at once (``LayerRule.add_batch``)."""
+        directions (``direction_group``) that the rules take at once (``LayerRule.add_batch``). The graph
+        is freed after the last direction unless ``keep_graph`` (more directions to come: ``measure``)."""
         budget = CacheBudget(CACHE_ELEMENTS, directions.shape[0], self.logits.device,
                              self.logits.element_size())
         rules, targets = self._rules_and_targets(budget)
@@ -203,7 +205,7 @@ class CapturedForward:
         group = direction_group(total, sum(t.numel() for _, _, t in targets), self.logits)
         for start in range(0, total, group):
             stop = min(total, start + group)
-            stacked = self._output_gradients(directions, start, stop, targets)
+            stacked = self._output_gradients(directions, start, stop, targets, keep_graph)
             for use in self.called:
                 if use.node in stacked:
                     grads = _stacked_output_gradients(self.outputs[use.node], stacked[use.node], stop - start)
@@ -231,12 +233,12 @@ class CapturedForward:
             targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
         return rules, targets
 
-    def _output_gradients(self, directions: torch.Tensor, start: int, stop: int, targets: list
-                          ) -> dict[str, dict[int, torch.Tensor]]:
+    def _output_gradients(self, directions: torch.Tensor, start: int, stop: int, targets: list,
+                          keep_graph: bool = False) -> dict[str, dict[int, torch.Tensor]]:
         """{node: {output index: [stop - start, B, ...]}}: the gradients of directions start..stop at the
         targets, one backward pass each, stacked per target (zeros where a direction reached none)."""
         per_target: list[list] = [[] for _ in targets]
-        last = directions.shape[0] - 1
+        last = directions.shape[0] if keep_graph else directions.shape[0] - 1
         for k in range(start, stop):
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
             # the product hands the logits 1.0 * v = v), without grad_outputs, whose shape check in
