@@ -202,15 +202,11 @@ class CapturedForward:
                              self.logits.element_size())
         rules, targets = self._rules_and_targets(budget)
         total = directions.shape[0]
-        group = direction_group(total, sum(t.numel() for _, _, t in targets), self.logits)
+        stacked_elements = sum(t.numel() for node, _, t in targets if rules[node].stacks)
+        group = direction_group(total, stacked_elements, self.logits)
         for start in range(0, total, group):
-            stop = min(total, start + group)
-            stacked = self._output_gradients(directions, start, stop, targets, keep_graph)
-            for use in self.called:
-                if use.node in stacked:
-                    grads = _stacked_output_gradients(self.outputs[use.node], stacked[use.node], stop - start)
-                    rules[use.node].add_batch(grads, signs[start:stop])
-            del stacked
+            self._back_propagate(directions, signs, range(start, min(total, start + group)), targets, rules,
+                                 keep_graph)
         named = dict(self.model.named_parameters())
         sums: dict[str, torch.Tensor] = {}
         for use in self.called:
@@ -233,26 +229,43 @@ class CapturedForward:
             targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
         return rules, targets
 
-    def _output_gradients(self, directions: torch.Tensor, start: int, stop: int, targets: list,
-                          keep_graph: bool = False) -> dict[str, dict[int, torch.Tensor]]:
-        """{node: {output index: [stop - start, B, ...]}}: the gradients of directions start..stop at the
-        targets, one backward pass each, stacked per target (zeros where a direction reached none)."""
-        per_target: list[list] = [[] for _ in targets]
+    def _back_propagate(self, directions: torch.Tensor, signs: torch.Tensor, group: range, targets: list,
+                        rules: dict[str, LayerRule], keep_graph: bool) -> None:
+        """The directions of ``group``, one backward pass each, to the targets: the rules that take stacks
+        (``LayerRule.stacks``) get the group's gradients stacked [len(group), B, ...] after the last
+        backward pass (zeros where a direction reached none), the others each direction as it comes."""
+        kept: dict[tuple[str, int], list] = {}
         last = directions.shape[0] if keep_graph else directions.shape[0] - 1
-        for k in range(start, stop):
+        for k in group:
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
             # the product hands the logits 1.0 * v = v), without grad_outputs, whose shape check in
             # torch.autograd imports sympy (~0.3 s of every process)
             grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
                                         retain_graph=k < last, allow_unused=True)
-            for collected, grad in zip(per_target, grads, strict=True):
-                collected.append(grad)
+            now: dict[str, dict[int, torch.Tensor]] = {}
+            for (node, i, t), grad in zip(targets, grads, strict=True):
+                if rules[node].stacks:
+                    kept.setdefault((node, i), []).append(torch.zeros_like(t) if grad is None else grad)
+                elif grad is not None:
+                    now.setdefault(node, {})[i] = grad
+            for node, by_output in now.items():
+                rules[node].add(_output_gradients(self.outputs[node], by_output), signs[k])
+            del grads, now
         stacked: dict[str, dict[int, torch.Tensor]] = {}
-        for (node, i, t), collected in zip(targets, per_target, strict=True):
-            if any(g is not None for g in collected):
-                grads = [torch.zeros_like(t) if g is None else g for g in collected]
-                stacked.setdefault(node, {})[i] = torch.stack(grads) if len(grads) > 1 else grads[0].unsqueeze(0)
-        return stacked
+        for (node, i), collected in kept.items():
+            stacked.setdefault(node, {})[i] = torch.stack(collected) if len(collected) > 1 else collected[0][None]
+        del kept
+        for node, by_output in stacked.items():
+            grads = _stacked_output_gradients(self.outputs[node], by_output, len(group))
+            rules[node].add_batch(grads, signs[group.start:group.stop])
+
+
+def _output_gradients(output, grads: dict[int, torch.Tensor]):
+    """The gradient of a single-tensor output, or a tuple (zeros where an output got none)."""
+    outputs = tensor_outputs(output)
+    if len(outputs) == 1:
+        return grads[0]
+    return tuple(grads[i] if i in grads else torch.zeros_like(t) for i, t in enumerate(outputs))
 
 
 # Share of the free memory (``runtime.memory``) the stacked output gradients of one group of directions

@@ -55,6 +55,10 @@ class LayerRule:
     over the batch and the directions of the diagonal}.
     """
 
+    # Whether ``add_batch`` gains from stacks of directions (one large matrix product instead of D small
+    # ones); rules without (elementwise ones) get each direction as it comes, holding no stack in memory.
+    stacks = False
+
     def __init__(self, module: nn.Module, layer_input: torch.Tensor, budget: CacheBudget | None = None):
         self.module = module
         self.input = layer_input
@@ -117,6 +121,7 @@ class LinearRule(LayerRule):
         super().__init__(module, layer_input)
         self.chunk = budget.chunk if budget is not None else CHUNK_ELEMENTS
         self.flat = layer_input.ndim == 2
+        self.stacks = not self.flat                         # one product over the positions and directions
         self.grad_square = None  # flat input: sum_k s_k g_k^2, [B, out]
         self.weight_diag = None if self.flat else torch.zeros_like(module.weight)
         self.bias_diag = None if self.flat or module.bias is None else torch.zeros_like(module.bias)
@@ -158,6 +163,7 @@ class ConvRule(LayerRule):
     per-sample and position-pair routes (``conv_routes.py``), chosen per layer at the first direction."""
 
     forced_route: str | None = None         # tests and benchmarks: one route for every layer
+    stacks = True
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, layer_input: torch.Tensor, budget: CacheBudget):
         self.budget = budget
@@ -332,6 +338,8 @@ class PerSampleRule(LayerRule):
 
     ``function(params, *inputs)`` recomputes the operation for inputs with a batch dimension (of 1 here);
     ``params`` {local name: tensor}; ``inputs`` the recorded batch-dependent tensors [B, ...]."""
+
+    stacks = True                           # one vjp per sample for all its directions
 
     def __init__(self, function, params: dict[str, torch.Tensor], inputs: list[torch.Tensor]):
         super().__init__(None, None)
