@@ -239,7 +239,7 @@ class CapturedForward:
         """The directions of ``group``, one backward pass each, to the targets: the rules that take stacks
         (``LayerRule.stacks``) get the group's gradients stacked [len(group), B, ...] after the last
         backward pass (zeros where a direction reached none), the others each direction as it comes."""
-        kept: dict[tuple[str, int], list] = {}
+        kept: dict[tuple[str, int], torch.Tensor] = {}
         last = directions.shape[0] if keep_graph else directions.shape[0] - 1
         for k in group:
             # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
@@ -249,16 +249,22 @@ class CapturedForward:
                                         retain_graph=k < last, allow_unused=True)
             now: dict[str, dict[int, torch.Tensor]] = {}
             for (node, i, t), grad in zip(targets, grads, strict=True):
-                if rules[node].stacks:
-                    kept.setdefault((node, i), []).append(torch.zeros_like(t) if grad is None else grad)
+                if rules[node].stacks:                  # written into one buffer: no second copy at stacking
+                    if (node, i) not in kept:
+                        kept[node, i] = t.new_empty((len(group), *t.shape))
+                    slot = kept[node, i][k - group.start]
+                    if grad is None:
+                        slot.zero_()
+                    else:
+                        slot.copy_(grad)
                 elif grad is not None:
                     now.setdefault(node, {})[i] = grad
             for node, by_output in now.items():
                 rules[node].add(_output_gradients(self.outputs[node], by_output), signs[k])
             del grads, now
         stacked: dict[str, dict[int, torch.Tensor]] = {}
-        for (node, i), collected in kept.items():
-            stacked.setdefault(node, {})[i] = torch.stack(collected) if len(collected) > 1 else collected[0][None]
+        for (node, i), buffer in kept.items():
+            stacked.setdefault(node, {})[i] = buffer
         del kept
         for node, by_output in stacked.items():
             grads = _stacked_output_gradients(self.outputs[node], by_output, len(group))
