@@ -100,11 +100,14 @@ class PositionPairSums:
         # A laid out [G, o, B, L, L] so that a chunk of samples is one matrix operand per group
         self.pairs = torch.zeros(groups, out_per_group, batch, positions, positions, dtype=dtype, device=device)
 
-    def add(self, grad: torch.Tensor, sign: torch.Tensor) -> None:
-        """grad [B, G, o, L] of one direction, sign [B]: A_b += s_b g_b g_b^T."""
-        g = grad.permute(1, 2, 0, 3)                                             # [G, o, B, L]
-        signed = g * sign.to(g.dtype)[None, None, :, None]
-        self.pairs.addcmul_(signed.unsqueeze(-1), g.unsqueeze(-2))
+    def add_batch(self, grad: torch.Tensor, sign: torch.Tensor) -> None:
+        """grad [D, B, G, o, L] of D directions, sign [D, B]: A_b += sum_k s_bk g_bk g_bk^T, one batched
+        matrix product with inner dimension D (A is read and written once, not D times)."""
+        positions = self.pairs.shape[3]
+        g = grad.permute(2, 3, 1, 4, 0)                                          # [G, o, B, L, D]
+        signed = (g * sign.T.to(g.dtype)[None, None, :, None, :]).reshape(-1, positions, grad.shape[0])
+        pairs = self.pairs.view(-1, positions, positions)
+        pairs.baddbmm_(signed, g.reshape(-1, positions, grad.shape[0]).transpose(1, 2))
 
     def weight(self, columns_of: Callable[[slice], torch.Tensor], kernel: int, chunk_elements: int
                ) -> torch.Tensor:

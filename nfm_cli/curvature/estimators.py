@@ -152,7 +152,12 @@ class ExactEstimator(Estimator):
     def run_unit(self, unit, state):
         x, y = self.batch(unit)
         part = self.splitter.run(lambda xb, yb: exact_diagonal_batch(self.model, xb, yb, self.loss, self.layers),
-                                 x, y, _combine_exact)
+                                 x, y, combine_exact)
+        self.add_part(state, part)
+
+    @staticmethod
+    def add_part(state: dict[str, torch.Tensor], part: BatchDiagonal) -> None:
+        """Add one batch's sums to the state (also ``measure``'s shared forward, steps/measure_shared.py)."""
         _add(state, "sum", part.sums)
         state["degenerate"] += part.degenerate
 
@@ -333,7 +338,8 @@ class FiniteDifferenceEstimator(_ProbeEstimator):
             self._finish_probe(estimate, state)
 
 
-def _combine_exact(parts):
+def combine_exact(parts: list[BatchDiagonal]) -> BatchDiagonal:
+    """The sums of the sub-batches a batch was split into (out of memory, ``split.py``)."""
     return BatchDiagonal(add_dicts([p.sums for p in parts]), sum(p.degenerate for p in parts))
 
 

@@ -20,7 +20,12 @@ H = sum_{k<K} lambda_k q_k q_k^T (eigendecomposition in that subspace, ``torch.l
 
 One forward pass per batch, then K-1 backward passes of the v_k (gradients with respect to the
 outputs of the parameterised layers only: no weight gradients are formed by autograd). Each layer
-turns the output gradients g_k and its input a into its diagonal (a ``LayerRule``, ``rules.py``).
+turns the output gradients g_k and its input a into its diagonal (a ``LayerRule``, ``rules.py``); the
+rules built on matrix products (conv, linear on sequences, per-sample) take the K-1 gradients stacked
+[K-1, B, ...] at once (``LayerRule.add_batch``: one product over all directions per sample instead of
+K-1 small ones), in groups that fit the free memory (``direction_group``); the elementwise ones take
+each direction as it comes. (Batching the backward passes themselves, ``is_grads_batched``, was
+measured: on the CPU no faster than K-1 passes, the conv backward's batching rule loops over them.)
 ``layer_square_sums`` is that machinery for any set of directions; the Fisher-Rao norm uses it with
 the loss gradient as the single direction.
 
@@ -41,6 +46,7 @@ from nfm_cli.curvature.losses import check_loss_name, degenerate_mask, logit_hes
 from nfm_cli.curvature.rules import CACHE_ELEMENTS, RULES, CacheBudget, LayerRule
 from nfm_cli.curvature.support import PIECEWISE_LINEAR_LEAVES, check_exact_supported, parameterised_layers
 from nfm_cli.errors import NfmError
+from nfm_cli.runtime.memory import available_bytes
 
 # --------------------------------------------------------------------------------------------
 # One batch
@@ -73,18 +79,19 @@ def logit_hessian_factor(logits: torch.Tensor, labels: torch.Tensor, loss: str
 
 
 @contextlib.contextmanager
-def _capture_layers(layers: dict[str, nn.Module], records: dict[str, list], protect: bool = False):
-    """Record (input, output, output version) of each layer call. ``protect``: hand a clone of the
-    output downstream, so an in-place operation there (ReLU(inplace=True), ``out += skip``) cannot
-    overwrite the tensor whose gradient we need."""
+def _capture_layers(layers: dict[str, nn.Module], records: dict[str, list], clone_inputs: bool = False):
+    """Record (input, output, input version) of each layer call and hand a clone of the output downstream,
+    so an in-place operation there (ReLU(inplace=True), ``out += skip``) cannot overwrite the tensor
+    whose gradient we need. ``clone_inputs``: record clones of the inputs too (for a graph that
+    modifies a layer input in place after the layer; the version tells)."""
     handles = []
 
     def hook(name):
         def capture(module, inputs, output):
             layer_input = inputs[0].detach()
-            layer_input = layer_input.clone() if protect else layer_input
-            records.setdefault(name, []).append((layer_input, output, (layer_input._version, output._version)))
-            return output.clone() if protect else None
+            layer_input = layer_input.clone() if clone_inputs else layer_input
+            records.setdefault(name, []).append((layer_input, output, layer_input._version))
+            return output.clone()
         return capture
 
     try:
@@ -172,13 +179,15 @@ class CapturedForward:
         self.folded = folded_uses(model, plan, x, self.outputs, self.called)     # windows (folded.py)
 
     def _hooked_forward(self, x: torch.Tensor) -> None:
+        """Forward hooks on the rule modules, their outputs handed downstream as clones: an in-place
+        operation after a layer (resnet's ReLU(inplace=True)) would otherwise overwrite the tensor whose
+        gradient the rules need; a clone costs far less than the second forward it used to take."""
         layers = {u.path: u.module for u in self.plan.uses}
         records: dict[str, list] = {}
         with _parameters_require_grad(self.model), _capture_layers(layers, records), torch.enable_grad():
             logits = self.model(x)
-        if any((inp._version, out._version) != versions for calls in records.values()
-               for inp, out, versions in calls):
-            records = {}                 # a layer output was modified in place: forward again, protected
+        if any(inp._version != version for calls in records.values() for inp, _, version in calls):
+            records = {}                 # a layer input was modified in place: forward again, inputs cloned
             with _parameters_require_grad(self.model), _capture_layers(layers, records, True), torch.enable_grad():
                 logits = self.model(x)
         for name, calls in records.items():
@@ -190,32 +199,21 @@ class CapturedForward:
         self.outputs = {u.node: records[u.path][0][1] for u in self.called}
         self.values = {}
 
-    def square_sums(self, directions: torch.Tensor, signs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def square_sums(self, directions: torch.Tensor, signs: torch.Tensor, keep_graph: bool = False
+                    ) -> dict[str, torch.Tensor]:
         """{parameter name: sum_d sum_b s_db (J_b^T v_db)^2} in float64, for directions v [D, B, K] in the
-        logits with signs s [D, B] (one backward pass each; the graph is freed after the last)."""
+        logits with signs s [D, B]: one backward pass each, their output gradients stacked into groups of
+        directions (``direction_group``) that the rules take at once (``LayerRule.add_batch``). The graph
+        is freed after the last direction unless ``keep_graph`` (more directions to come: ``measure``)."""
         budget = CacheBudget(CACHE_ELEMENTS, directions.shape[0], self.logits.device,
                              self.logits.element_size())
-        batch = self.logits.shape[0]
-        rules, targets = {}, []
-        for use in self.called:
-            outputs = tensor_outputs(self.outputs[use.node])
-            args, kwargs = self.calls[use.node]
-            rules[use.node] = folded_rule(use, args, kwargs, self.values, budget, self.outputs[use.node], batch) \
-                if use.node in self.folded else use.make_rule(args, kwargs, self.values, budget)
-            targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
-        for k in range(directions.shape[0]):
-            # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
-            # the product hands the logits 1.0 * v = v), without grad_outputs, whose shape check in
-            # torch.autograd imports sympy (~0.3 s of every process)
-            grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
-                                        retain_graph=k < directions.shape[0] - 1, allow_unused=True)
-            by_use: dict[str, dict[int, torch.Tensor]] = {}
-            for (node, i, _), grad in zip(targets, grads, strict=True):
-                if grad is not None:
-                    by_use.setdefault(node, {})[i] = grad
-            for use in self.called:
-                if use.node in by_use:
-                    rules[use.node].add(_output_gradients(self.outputs[use.node], by_use[use.node]), signs[k])
+        rules, targets = self._rules_and_targets(budget)
+        total = directions.shape[0]
+        stacked_elements = sum(t.numel() for node, _, t in targets if rules[node].stacks)
+        group = direction_group(total, stacked_elements, self.logits)
+        for start in range(0, total, group):
+            self._back_propagate(directions, signs, range(start, min(total, start + group)), targets, rules,
+                                 keep_graph)
         named = dict(self.model.named_parameters())
         sums: dict[str, torch.Tensor] = {}
         for use in self.called:
@@ -224,6 +222,54 @@ class CapturedForward:
         return {name: sums[name].reshape(param.shape) if name in sums else        # unused parameters: zero
                 torch.zeros(param.shape, dtype=torch.float64, device=param.device) for name, param in named.items()}
 
+    def _rules_and_targets(self, budget: CacheBudget) -> tuple[dict[str, LayerRule], list]:
+        """The rule of every called use, and the (node, output index, tensor) whose gradients they need."""
+        batch = self.logits.shape[0]
+        rules, targets = {}, []
+        for use in self.called:
+            outputs = tensor_outputs(self.outputs[use.node])
+            args, kwargs = self.calls[use.node]
+            rules[use.node] = folded_rule(use, args, kwargs, self.values, budget, self.outputs[use.node], batch) \
+                if use.node in self.folded else use.make_rule(args, kwargs, self.values, budget)
+            targets += [(use.node, i, t) for i, t in enumerate(outputs) if t.requires_grad]
+        return rules, targets
+
+    def _back_propagate(self, directions: torch.Tensor, signs: torch.Tensor, group: range, targets: list,
+                        rules: dict[str, LayerRule], keep_graph: bool) -> None:
+        """The directions of ``group``, one backward pass each, to the targets: the rules that take stacks
+        (``LayerRule.stacks``) get the group's gradients stacked [len(group), B, ...] after the last
+        backward pass (zeros where a direction reached none), the others each direction as it comes."""
+        kept: dict[tuple[str, int], torch.Tensor] = {}
+        last = directions.shape[0] if keep_graph else directions.shape[0] - 1
+        for k in group:
+            # J^T v as the gradient of the scalar <logits, v>: the same numbers (the backward of the sum and
+            # the product hands the logits 1.0 * v = v), without grad_outputs, whose shape check in
+            # torch.autograd imports sympy (~0.3 s of every process)
+            grads = torch.autograd.grad((self.logits * directions[k]).sum(), [t for _, _, t in targets],
+                                        retain_graph=k < last, allow_unused=True)
+            now: dict[str, dict[int, torch.Tensor]] = {}
+            for (node, i, t), grad in zip(targets, grads, strict=True):
+                if rules[node].stacks:                  # written into one buffer: no second copy at stacking
+                    if (node, i) not in kept:
+                        kept[node, i] = t.new_empty((len(group), *t.shape))
+                    slot = kept[node, i][k - group.start]
+                    if grad is None:
+                        slot.zero_()
+                    else:
+                        slot.copy_(grad)
+                elif grad is not None:
+                    now.setdefault(node, {})[i] = grad
+            for node, by_output in now.items():
+                rules[node].add(_output_gradients(self.outputs[node], by_output), signs[k])
+            del grads, now
+        stacked: dict[str, dict[int, torch.Tensor]] = {}
+        for (node, i), buffer in kept.items():
+            stacked.setdefault(node, {})[i] = buffer
+        del kept
+        for node, by_output in stacked.items():
+            grads = _stacked_output_gradients(self.outputs[node], by_output, len(group))
+            rules[node].add_batch(grads, signs[group.start:group.stop])
+
 
 def _output_gradients(output, grads: dict[int, torch.Tensor]):
     """The gradient of a single-tensor output, or a tuple (zeros where an output got none)."""
@@ -231,6 +277,30 @@ def _output_gradients(output, grads: dict[int, torch.Tensor]):
     if len(outputs) == 1:
         return grads[0]
     return tuple(grads[i] if i in grads else torch.zeros_like(t) for i, t in enumerate(outputs))
+
+
+# Share of the free memory (``runtime.memory``) the stacked output gradients of one group of directions
+# may take; the whole K-1 when they fit.
+DIRECTION_STACK_SHARE = 1 / 8
+
+
+def direction_group(directions: int, elements_per_direction: int, like: torch.Tensor) -> int:
+    """How many directions to stack at once: all of them unless their output gradients (elements per
+    direction, in ``like``'s dtype) exceed ``DIRECTION_STACK_SHARE`` of the free memory; at least 1."""
+    available = available_bytes(like.device)
+    if available is None or directions <= 1:
+        return max(1, directions)
+    fits = int(DIRECTION_STACK_SHARE * available) // max(1, elements_per_direction * like.element_size())
+    return max(1, min(directions, fits))
+
+
+def _stacked_output_gradients(output, grads: dict[int, torch.Tensor], count: int):
+    """The stacked gradient [count, B, ...] of a single-tensor output, or a tuple (zeros where an
+    output got none)."""
+    outputs = tensor_outputs(output)
+    if len(outputs) == 1:
+        return grads[0]
+    return tuple(grads[i] if i in grads else t.new_zeros((count, *t.shape)) for i, t in enumerate(outputs))
 
 
 def layer_square_sums(model: nn.Module, x: torch.Tensor, directions_of, layers: CurvaturePlan | None = None

@@ -47,16 +47,29 @@ CACHE_ELEMENTS = 1 << 27
 class LayerRule:
     """Turns a layer's input and the K-1 back-propagated output gradients into its diagonal.
 
-    Constructed once per batch with the layer's (detached) input, ``add`` is called once per
-    direction k with the output gradient g_k [B, ...] and the signs s_k [B] of the eigenvalues,
-    ``result`` returns {parameter name (local): sum over the batch of the diagonal}.
+    Constructed once per batch with the layer's (detached) input, ``add_batch`` is called with a
+    stack of D directions at once (D of the K-1, all of them when memory allows): the output
+    gradients g [D, B, ...] and the signs s [D, B] of the eigenvalues, so that the rule's matrix
+    products run over the D directions together (few large products instead of D small ones);
+    ``add`` is one direction (g_k [B, ...], s_k [B]). ``result`` returns {parameter name (local): sum
+    over the batch and the directions of the diagonal}.
     """
+
+    # Whether ``add_batch`` gains from stacks of directions (one large matrix product instead of D small
+    # ones); rules without (elementwise ones) get each direction as it comes, holding no stack in memory.
+    stacks = False
 
     def __init__(self, module: nn.Module, layer_input: torch.Tensor, budget: CacheBudget | None = None):
         self.module = module
         self.input = layer_input
 
-    def add(self, grad: torch.Tensor, sign: torch.Tensor) -> None:
+    def add(self, grad, sign: torch.Tensor) -> None:
+        """One direction: g_k [B, ...] (a tuple for several outputs) and s_k [B]."""
+        stacked = tuple(g.unsqueeze(0) for g in grad) if isinstance(grad, tuple) else grad.unsqueeze(0)
+        self.add_batch(stacked, sign.unsqueeze(0))
+
+    def add_batch(self, grad, sign: torch.Tensor) -> None:
+        """D directions: g [D, B, ...] (a tuple for several outputs) and s [D, B]."""
         raise NotImplementedError
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -64,9 +77,9 @@ class LayerRule:
 
 
 def _signed_square_sum(per_sample: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """sum_b sign_b * per_sample_b^2 over the leading (sample) dimension."""
+    """sum_db sign_db * per_sample_db^2 over the leading (direction, sample) dimensions, sign [D, B]."""
     squared = per_sample * per_sample
-    return torch.tensordot(sign, squared, dims=([0], [0]))
+    return torch.tensordot(sign, squared, dims=([0, 1], [0, 1]))
 
 
 class CacheBudget:
@@ -108,22 +121,28 @@ class LinearRule(LayerRule):
         super().__init__(module, layer_input)
         self.chunk = budget.chunk if budget is not None else CHUNK_ELEMENTS
         self.flat = layer_input.ndim == 2
+        self.stacks = not self.flat                         # one product over the positions and directions
         self.grad_square = None  # flat input: sum_k s_k g_k^2, [B, out]
         self.weight_diag = None if self.flat else torch.zeros_like(module.weight)
         self.bias_diag = None if self.flat or module.bias is None else torch.zeros_like(module.bias)
 
-    def add(self, grad, sign):
-        if self.flat:
-            term = grad * grad * sign[:, None]
+    def add_batch(self, grad, sign):
+        if self.flat:                                       # grad [D, B, out]
+            term = torch.einsum("db,dbo->bo", sign, grad * grad)
             self.grad_square = term if self.grad_square is None else self.grad_square.add_(term)
             return
         a = self.input.flatten(1, -2)                       # [B, T, in]
-        g = grad.flatten(1, -2)                             # [B, T, out]
-        for part in _chunks(a.shape[0], a[0].numel() + g[0].numel() + a.shape[-1] * g.shape[-1], self.chunk):
-            per_sample = torch.einsum("bto,bti->boi", g[part], a[part])
-            self.weight_diag += _signed_square_sum(per_sample, sign[part])
+        g = grad.flatten(2, -2)                             # [D, B, T, out]
+        d, out = g.shape[0], g.shape[-1]
+        per_sample_elements = a[0].numel() + d * (g[0, 0].numel() * 2 + a.shape[-1] * out)
+        for part in _chunks(a.shape[0], per_sample_elements, self.chunk):
+            gp = g[:, part].permute(1, 0, 3, 2).reshape(-1, d * out, g.shape[2])   # [c, D out, T]
+            per_sample = torch.bmm(gp, a[part])                                 # [c, D out, in]
+            signs = sign[:, part].T                                             # [c, D]
+            self.weight_diag += torch.tensordot(signs, per_sample.square_().reshape(-1, d, out, a.shape[-1]),
+                                                dims=([0, 1], [0, 1]))
             if self.bias_diag is not None:
-                self.bias_diag += _signed_square_sum(g[part].sum(1), sign[part])
+                self.bias_diag += _signed_square_sum(g[:, part].sum(2), sign[:, part])
 
     def result(self):
         if not self.flat:
@@ -144,6 +163,7 @@ class ConvRule(LayerRule):
     per-sample and position-pair routes (``conv_routes.py``), chosen per layer at the first direction."""
 
     forced_route: str | None = None         # tests and benchmarks: one route for every layer
+    stacks = True
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, layer_input: torch.Tensor, budget: CacheBudget):
         self.budget = budget
@@ -176,27 +196,30 @@ class ConvRule(LayerRule):
         cols = F.unfold(self.input[part], **self.unfold_args)                              # [c, G*i*k, L]
         return cols.reshape(cols.shape[0], self.groups, -1, cols.shape[-1])                # [c, G, i*k, L]
 
-    def add(self, grad, sign):
-        b = grad.shape[0]
-        g = grad.reshape(b, self.groups, self.module.out_channels // self.groups, -1)   # [B, G, o, L]
+    def add_batch(self, grad, sign):
+        d, b = grad.shape[:2]
+        g = grad.reshape(d, b, self.groups, self.module.out_channels // self.groups, -1)   # [D, B, G, o, L]
         kernel = self.weight_diag.shape[-1]                 # (in / groups) * kernel positions
         if self.route is None:
-            self._choose_route(g, kernel)
+            self._choose_route(g[0], kernel)
         if self.pairs is not None:
-            self.pairs.add(g, sign)
+            self.pairs.add_batch(g, sign)
             return
-        cols_elements = self.groups * kernel * g.shape[-1]
+        groups, out_per_group, positions = g.shape[2:]
+        cols_elements = groups * kernel * positions
         if self.cached is None and self.budget.take(b * cols_elements):
             self.cached = self._columns(slice(0, b))    # unfold once per batch, reuse for all K-1 directions
-        per_sample_elements = self.module.out_channels * kernel + g[0].numel()
+        per_sample_elements = d * (self.module.out_channels * kernel + 2 * g[0, 0].numel())
         if self.cached is None:
             per_sample_elements += cols_elements
         for part in _chunks(b, per_sample_elements, min(self.budget.chunk, PER_SAMPLE_CHUNK_ELEMENTS)):
-            cols = self.cached[part] if self.cached is not None else self._columns(part)
-            per_sample = torch.einsum("cgol,cgil->cgoi", g[part], cols)
-            self.weight_diag += torch.tensordot(sign[part], per_sample.square_(), dims=([0], [0]))
+            cols = self.cached[part] if self.cached is not None else self._columns(part)       # [c, G, i, L]
+            gp = g[:, part].permute(1, 2, 0, 3, 4).reshape(-1, groups, d * out_per_group, positions)
+            per_sample = torch.matmul(gp, cols.transpose(-1, -2))                            # [c, G, D o, i]
+            per_sample = per_sample.square_().reshape(-1, groups, d, out_per_group, kernel)
+            self.weight_diag += torch.tensordot(sign[:, part].T, per_sample, dims=([0, 1], [0, 2]))
             if self.bias_diag is not None:
-                self.bias_diag += _signed_square_sum(g[part].sum(-1).flatten(1), sign[part])
+                self.bias_diag += _signed_square_sum(g[:, part].sum(-1).flatten(2), sign[:, part])
 
     def _choose_route(self, g: torch.Tensor, kernel: int) -> None:
         b, groups, out_per_group, positions = g.shape
@@ -217,39 +240,10 @@ class ConvRule(LayerRule):
         return out
 
 
-class BatchNormRule(LayerRule):
-    """nn.BatchNorm1d / 2d in eval mode: y = w * (x - mean) / sqrt(var + eps) + b, linear in w and b."""
-
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, layer_input: torch.Tensor,
-                 budget: CacheBudget | None = None):
-        super().__init__(module, layer_input)
-        shape = (1, -1) + (1,) * (layer_input.ndim - 2)
-        self.normalized = ((layer_input - module.running_mean.reshape(shape))
-                           / torch.sqrt(module.running_var.reshape(shape) + module.eps))
-        self.weight_diag = torch.zeros_like(module.weight) if module.weight is not None else None
-        self.bias_diag = torch.zeros_like(module.bias) if module.bias is not None else None
-
-    def add(self, grad, sign):
-        spatial = tuple(range(2, grad.ndim))
-        if self.weight_diag is not None:
-            per_sample = (grad * self.normalized).sum(spatial) if spatial else grad * self.normalized
-            self.weight_diag += _signed_square_sum(per_sample, sign)
-        if self.bias_diag is not None:
-            per_sample = grad.sum(spatial) if spatial else grad
-            self.bias_diag += _signed_square_sum(per_sample, sign)
-
-    def result(self):
-        out = {}
-        if self.weight_diag is not None:
-            out["weight"] = self.weight_diag
-        if self.bias_diag is not None:
-            out["bias"] = self.bias_diag
-        return out
-
-
 class _AffineNormRule(LayerRule):
     """y = w * xhat + b with xhat the parameter-free normalisation of the input: per-sample gradients
-    sum over positions of g * xhat (weight) and of g (bias). ``_normalize`` and ``_reduce`` say which."""
+    sum over positions of g * xhat (weight) and of g (bias). ``_normalize`` and ``_reduce`` say which;
+    ``_reduce`` sums a [D, B, ...] tensor over the positions, keeping the parameter's dimensions."""
 
     def __init__(self, module, layer_input: torch.Tensor, budget: CacheBudget | None = None):
         super().__init__(module, layer_input)
@@ -257,11 +251,16 @@ class _AffineNormRule(LayerRule):
         self.weight_diag = torch.zeros_like(module.weight) if module.weight is not None else None
         self.bias_diag = torch.zeros_like(module.bias) if module.bias is not None else None
 
-    def add(self, grad, sign):
+    def add_batch(self, grad, sign):
         if self.weight_diag is not None:
             self.weight_diag += _signed_square_sum(self._reduce(grad * self.normalized), sign)
         if self.bias_diag is not None:
             self.bias_diag += _signed_square_sum(self._reduce(grad), sign)
+
+    def _reduce(self, per_position):
+        """Channels along dimension 1 of a sample (dimension 2 of [D, B, ...]): sum over the rest."""
+        dims = tuple(range(3, per_position.ndim))
+        return per_position.sum(dims) if dims else per_position
 
     def result(self):
         out = {}
@@ -270,6 +269,16 @@ class _AffineNormRule(LayerRule):
         if self.bias_diag is not None:
             out["bias"] = self.bias_diag
         return out
+
+
+class BatchNormRule(_AffineNormRule):
+    """nn.BatchNorm1d / 2d in eval mode: y = w * (x - mean) / sqrt(var + eps) + b, linear in w and b:
+    xhat normalised by the running statistics."""
+
+    def _normalize(self, x):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.module.running_mean.reshape(shape)) / torch.sqrt(
+            self.module.running_var.reshape(shape) + self.module.eps)
 
 
 class LayerNormRule(_AffineNormRule):
@@ -280,7 +289,7 @@ class LayerNormRule(_AffineNormRule):
         return F.layer_norm(x, tuple(self.module.normalized_shape), None, None, self.module.eps)
 
     def _reduce(self, per_position):
-        dims = tuple(range(1, per_position.ndim - len(self.module.normalized_shape)))
+        dims = tuple(range(2, per_position.ndim - len(self.module.normalized_shape)))
         return per_position.sum(dims) if dims else per_position
 
 
@@ -289,10 +298,6 @@ class GroupNormRule(_AffineNormRule):
 
     def _normalize(self, x):
         return F.group_norm(x, self.module.num_groups, None, None, self.module.eps)
-
-    def _reduce(self, per_position):
-        dims = tuple(range(2, per_position.ndim))
-        return per_position.sum(dims) if dims else per_position
 
 
 class EmbeddingRule(LayerRule):
@@ -311,11 +316,14 @@ class EmbeddingRule(LayerRule):
             self.key_sample = torch.where(self.key_token == module.padding_idx, -1, self.key_sample)
         self.weight_diag = torch.zeros_like(module.weight)
 
-    def add(self, grad, sign):
-        g = grad.reshape(-1, grad.shape[-1])                                   # [B*T, D]
-        per_pair = g.new_zeros(len(self.key_token), g.shape[-1]).index_add_(0, self.inverse, g)
-        weights = torch.where(self.key_sample >= 0, sign[self.key_sample.clamp_min(0)], 0.0).to(g.dtype)
-        self.weight_diag.index_add_(0, self.key_token, per_pair * per_pair * weights[:, None])
+    def add_batch(self, grad, sign):
+        d = grad.shape[0]
+        g = grad.reshape(d, -1, grad.shape[-1]).transpose(0, 1)                # [B*T, D, width]
+        per_pair = g.new_zeros(len(self.key_token), d, g.shape[-1]).index_add_(0, self.inverse, g)
+        sample = self.key_sample.clamp_min(0)
+        weights = torch.where(self.key_sample[:, None] >= 0, sign[:, sample].T, 0.0).to(g.dtype)   # [pairs, D]
+        squares = torch.einsum("pd,pdw->pw", weights, per_pair * per_pair)
+        self.weight_diag.index_add_(0, self.key_token, squares)
 
     def result(self):
         return {"weight": self.weight_diag}
@@ -331,27 +339,32 @@ class PerSampleRule(LayerRule):
     ``function(params, *inputs)`` recomputes the operation for inputs with a batch dimension (of 1 here);
     ``params`` {local name: tensor}; ``inputs`` the recorded batch-dependent tensors [B, ...]."""
 
+    stacks = True                           # one vjp per sample for all its directions
+
     def __init__(self, function, params: dict[str, torch.Tensor], inputs: list[torch.Tensor]):
         super().__init__(None, None)
         self.function, self.params, self.inputs = function, {k: v.detach() for k, v in params.items()}, inputs
         self.diag = {k: torch.zeros_like(v) for k, v in self.params.items()}
 
     def _per_sample(self, inputs, grads):
+        """{name: [c, D, ...]} for inputs [c, ...] and output gradients [c, D, ...]: one vjp per sample,
+        its pullback applied to the sample's D directions at once."""
         def one(sample_inputs, sample_grads):
             def output(params):
                 return self.function(params, *[t.unsqueeze(0) for t in sample_inputs])
             _, pullback = torch.func.vjp(output, self.params)
-            return pullback(tuple(g.unsqueeze(0) for g in sample_grads))[0]
+            return torch.func.vmap(lambda *g: pullback(tuple(t.unsqueeze(0) for t in g))[0])(*sample_grads)
         return torch.func.vmap(one)(tuple(inputs), tuple(grads))
 
-    def add(self, grad, sign):
-        grads = grad if isinstance(grad, tuple) else (grad,)
-        per_sample_elements = sum(v.numel() for v in self.params.values()) * 3 + sum(
+    def add_batch(self, grad, sign):
+        grads = tuple(g.transpose(0, 1) for g in (grad if isinstance(grad, tuple) else (grad,)))   # [B, D, ...]
+        d = sign.shape[0]
+        per_sample_elements = sum(v.numel() for v in self.params.values()) * 3 * d + sum(
             t[0].numel() for t in self.inputs) * 8 + sum(g[0].numel() for g in grads) * 8
         for part in _chunks(grads[0].shape[0], per_sample_elements):
             per_sample = self._per_sample([t[part] for t in self.inputs], [g[part] for g in grads])
             for name, value in per_sample.items():
-                self.diag[name] += _signed_square_sum(value, sign[part])
+                self.diag[name] += _signed_square_sum(value, sign[:, part].T)
 
     def result(self):
         return dict(self.diag)

@@ -27,7 +27,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from nfm_cli.curvature.batch_size import auto_batch_size
-from nfm_cli.curvature.exact import layer_square_sums
+from nfm_cli.curvature.exact import CapturedForward
+from nfm_cli.curvature.graph import CurvaturePlan
 from nfm_cli.curvature.losses import per_sample_loss
 from nfm_cli.curvature.support import curvature_plan
 from nfm_cli.data.datasets import subset_indices
@@ -50,12 +51,19 @@ def loss_gradient_direction(logits: torch.Tensor, y: torch.Tensor, loss: str
     return gradient.unsqueeze(0), torch.ones(1, len(y), dtype=gradient.dtype, device=gradient.device)
 
 
+def batch_square_sums(forward: CapturedForward, y: torch.Tensor, loss: str = FISHER_RAO_LOSS, keep_graph: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """One batch's sum_z (dL_z/dtheta)^2 from its captured forward pass (one backward pass); ``measure``
+    shares the forward with the Hessian diagonals (steps/measure_shared.py)."""
+    directions, signs = loss_gradient_direction(forward.logits.detach(), y, loss)
+    return forward.square_sums(directions, signs, keep_graph)
+
+
 def _rules_sums(model, x, y, loss, layers, batch_size, progress) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] | None = None
     for start in range(0, len(y), batch_size):
-        yb = y[start:start + batch_size]
-        part, _ = layer_square_sums(model, x[start:start + batch_size],
-                                    lambda f, yb=yb: loss_gradient_direction(f, yb, loss), layers)
+        part = batch_square_sums(CapturedForward(model, x[start:start + batch_size], layers),
+                                 y[start:start + batch_size], loss)
         if sums is None:
             sums = part
         else:
@@ -86,14 +94,15 @@ def _vmap_sums(model, x, y, loss, batch_size, progress) -> dict[str, torch.Tenso
 
 def squared_gradient_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = FISHER_RAO_LOSS,
                           batch_size: int | None = None, progress: ProgressFn = None,
-                          method: str = "auto") -> dict[str, torch.Tensor]:
-    """``{name: sum_z (dL_z/dtheta)^2}`` in float64 (module docstring for ``method``); eval mode."""
+                          method: str = "auto", plan: CurvaturePlan | None = None) -> dict[str, torch.Tensor]:
+    """``{name: sum_z (dL_z/dtheta)^2}`` in float64 (module docstring for ``method``); eval mode. ``plan``:
+    the rules' plan to use (default ``curvature_plan(model)``; ``measure`` passes its estimator's)."""
     if method not in METHODS:
         raise NfmError(f"unknown Fisher-Rao method {method!r}; use one of {', '.join(METHODS)}")
     if len(y) == 0:
         raise NfmError("the Fisher-Rao norm needs at least one sample")
-    layers = None
-    if method != "vmap":
+    layers = plan
+    if method != "vmap" and layers is None:
         try:
             layers = curvature_plan(model)
         except NfmError:
@@ -107,19 +116,26 @@ def squared_gradient_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo
 
 
 def fisher_rao_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = FISHER_RAO_LOSS,
-                    batch_size: int | None = None, progress: ProgressFn = None, method: str = "auto") -> float:
+                    batch_size: int | None = None, progress: ProgressFn = None, method: str = "auto",
+                    plan: CurvaturePlan | None = None) -> float:
     """Eq. (25) over the samples (x, y); the model must be in eval mode."""
-    sums = squared_gradient_sums(model, x, y, loss, batch_size, progress, method)
+    return fisher_rao_from_sums(model, squared_gradient_sums(model, x, y, loss, batch_size, progress, method, plan),
+                                len(y))
+
+
+def fisher_rao_from_sums(model: nn.Module, sums: dict[str, torch.Tensor], samples: int) -> float:
+    """Eq. (25) from ``{name: sum_z (dL_z/dtheta)^2}`` over ``samples`` samples (summed in ``sums``' order)."""
     params = dict(model.named_parameters())
-    return float(sum((params[k].detach().to(torch.float64) ** 2 * s).sum() for k, s in sums.items()) / len(y))
+    return float(sum((params[k].detach().to(torch.float64) ** 2 * s).sum() for k, s in sums.items()) / samples)
 
 
 def fisher_rao_norm_of_checkpoint(ck: Checkpoint, *, device: torch.device | str = "cpu", samples: int | None = None,
                                   seed: int = 0, batch_size: int | None = None, progress: ProgressFn = None,
-                                  method: str = "auto") -> float:
+                                  method: str = "auto", plan: CurvaturePlan | None = None) -> float:
     """Eq. (25) over the checkpoint's training set as trained (or the same seeded subset as
     ``hessian-diag --samples``)."""
     x, y = ck.training_tensors(device)
     idx = subset_indices(len(y), samples, seed, "hessian-samples").to(y.device)  # as hessian-diag
     model = ck.model.to(device)
-    return fisher_rao_norm(model, x[idx], y[idx], batch_size=batch_size, progress=progress, method=method)
+    return fisher_rao_norm(model, x[idx], y[idx], batch_size=batch_size, progress=progress, method=method,
+                           plan=plan)

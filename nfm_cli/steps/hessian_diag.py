@@ -44,7 +44,7 @@ import torch
 from nfm_cli.choices import DEFAULT_PROBES, ESTIMATORS, FD_SCALE
 from nfm_cli.choices import HESSIAN_SAVE_EVERY_SECONDS as SAVE_EVERY_SECONDS
 from nfm_cli.curvature.batch_size import auto_batch_size
-from nfm_cli.curvature.estimators import Estimator, make_estimator, resolve_estimator
+from nfm_cli.curvature.estimators import DiagonalEstimate, Estimator, make_estimator, resolve_estimator
 from nfm_cli.curvature.losses import LOSS_NAMES
 from nfm_cli.curvature.registry import DEFAULT_ESTIMATOR, uses_probes
 from nfm_cli.data.datasets import subset_indices
@@ -115,16 +115,8 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     estimator, why = resolve_estimator(estimator, model)    # auto: exact or ggn, said once
     if why is not None:
         note(progress, why)
-    if batch_size is None:          # a partial run keeps its batch size, whatever memory is free now
-        batch_size = _partial_batch_size(out, force) or auto_batch_size(model, x_all[:1], estimator, use, dev)
-        if ctx.active:              # ranks see different free memory: all take the smallest
-            batch_size = -distributed.max_ints(ctx, [-batch_size])[0]
-    batch_size = int(batch_size)
-    config = {"loss": loss, "estimator": estimator, "samples": use, "probes": probes,
-              "seed": None if (not uses_probes(estimator) and use == n_total) else int(seed),
-              "finite_diff": ({"scale": float(finite_diff_scale), "rule": FD_RULE}
-                              if estimator == "finite-diff" else None),
-              "batch_size": batch_size}
+    batch_size = resolve_batch_size(batch_size, out, force, model, x_all[:1], estimator, use, ctx, dev)
+    config = hessian_config(loss, estimator, use, n_total, probes, seed, finite_diff_scale, batch_size)
 
     previous = None if force or not out.exists() else _previous_run(out, config, ck.sha256)
     if previous is not None and is_complete(previous.meta["progress"]):
@@ -140,6 +132,27 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     source = {"checkpoint": str(ck.path), "model": ck.model_spec.get("name"), "device": str(dev)}
     meta_base = {"config": config, "parents": {"checkpoint": ck.sha256}, "source": source}
     return _run_and_write(ctx, est, previous, out, meta_base, ck, save_every_seconds, progress)
+
+
+def resolve_batch_size(batch_size: int | None, out: Path, force: bool, model, x_one: torch.Tensor, estimator: str,
+                       use: int, ctx: distributed.Dist, dev) -> int:
+    """The given batch size, else a partial run's at ``out`` (kept whatever memory is free now), else
+    ``auto_batch_size`` (under torchrun the smallest over the ranks)."""
+    if batch_size is None:
+        batch_size = _partial_batch_size(out, force) or auto_batch_size(model, x_one, estimator, use, dev)
+        if ctx.active:              # ranks see different free memory: all take the smallest
+            batch_size = -distributed.max_ints(ctx, [-batch_size])[0]
+    return int(batch_size)
+
+
+def hessian_config(loss: str, estimator: str, use: int, n_total: int, probes: int | None, seed: int,
+                   finite_diff_scale: float, batch_size: int) -> dict[str, Any]:
+    """The ``nfm.config`` of a hessian-diag file (``IDENTITY_KEYS`` and the batch size)."""
+    return {"loss": loss, "estimator": estimator, "samples": use, "probes": probes,
+            "seed": None if (not uses_probes(estimator) and use == n_total) else int(seed),
+            "finite_diff": ({"scale": float(finite_diff_scale), "rule": FD_RULE}
+                            if estimator == "finite-diff" else None),
+            "batch_size": batch_size}
 
 
 def _check_output(out: str | os.PathLike) -> Path:
@@ -181,6 +194,28 @@ def _run_and_write(ctx: distributed.Dist, est: Estimator, previous: Artifact | N
                    progress: ProgressFn) -> HessianDiagonal:
     """Run the estimator's units from where ``previous`` (a partial file, or None) stopped, saving as it
     goes, and write the complete file (rank 0)."""
+    run = run_units(ctx, est, previous, out, meta_base, save_every_seconds, progress)
+    return write_complete(ctx, est, est.finish(run.state), run, out, meta_base, ck)
+
+
+@dataclass
+class UnitRun:
+    """What ``run_units`` leaves: the final (reduced) state, the unit it started from and reached, the
+    wall time of earlier sessions and the clock this one started at."""
+
+    state: dict[str, torch.Tensor]
+    start: int
+    unit: int
+    wall_before: float
+    t0: float
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+
+def run_units(ctx: distributed.Dist, est: Estimator, previous: Artifact | None, out: Path,
+              meta_base: dict[str, Any], save_every_seconds: float, progress: ProgressFn) -> UnitRun:
+    """The units of ``est`` from where ``previous`` stopped, partial saves (every state key) into ``out``."""
     state = est.initial_state()
     start, wall_before = 0, 0.0
     if previous is not None:
@@ -198,15 +233,19 @@ def _run_and_write(ctx: distributed.Dist, est: Estimator, previous: Artifact | N
         unit = _run_sharded(ctx, est, state, start, save_partial, save_every_seconds, progress)
     else:
         unit = _run_serial(est, state, start, save_partial, save_every_seconds, progress)
+    return UnitRun(state, start, unit, wall_before, t0)
 
-    result = est.finish(state)
+
+def write_complete(ctx: distributed.Dist, est: Estimator, result: DiagonalEstimate, run: UnitRun, out: Path,
+                   meta_base: dict[str, Any], ck: Checkpoint) -> HessianDiagonal:
+    """Check ``result`` (finite) and write it to ``out`` as a complete hessian-diag file (rank 0)."""
     if not all(bool(torch.isfinite(d).all()) for d in result.diagonal.values()):
         if (getattr(ck, "metrics", None) or {}).get("diverged"):
             raise NfmError("the Hessian diagonal came out NaN or inf: training diverged (see nfm inspect); "
                            "retrain with a smaller learning rate", ck.path)
         raise NfmError("the Hessian diagonal came out NaN or inf (weights too large for the float "
                        "precision? try --device cpu with a float64 copy, or check the checkpoint)", ck.path)
-    wall = wall_before + time.perf_counter() - t0
+    wall = run.wall()
     metrics = dict(result.metrics, parameters=sum(d.numel() for d in result.diagonal.values()))
     diagonal = {n: d.cpu() for n, d in result.diagonal.items()}
     stderr = {n: s.cpu() for n, s in result.stderr.items()}
@@ -214,11 +253,11 @@ def _run_and_write(ctx: distributed.Dist, est: Estimator, previous: Artifact | N
     tensors.update({f"stderr.{n}": s for n, s in stderr.items()})
     sha = ""
     if ctx.is_main:
-        sha = write_artifact(out, tensors, KIND, dict(meta_base, progress=_progress(est, unit, True),
+        sha = write_artifact(out, tensors, KIND, dict(meta_base, progress=_progress(est, run.unit, True),
                                                       metrics=metrics, wall_time=wall))
     if ctx.active:
         distributed.barrier(ctx)            # the file exists for every rank once this returns
-    return HessianDiagonal(out, "resumed" if start > 0 else "computed", meta_base["config"], diagonal, stderr,
+    return HessianDiagonal(out, "resumed" if run.start > 0 else "computed", meta_base["config"], diagonal, stderr,
                            metrics, wall, sha, ck.sha256)
 
 

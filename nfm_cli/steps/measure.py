@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from nfm_cli.choices import DEFAULT_PROBES, FD_SCALE, PRECISIONS, SOLVER_MAX_ITER, SOLVER_TOL
-from nfm_cli.curvature.estimators import resolve_estimator
+from nfm_cli.curvature.estimators import estimator_class, resolve_estimator
 from nfm_cli.curvature.registry import DEFAULT_ESTIMATOR, uses_probes
 from nfm_cli.data.datasets import subset_indices
 from nfm_cli.errors import NfmError
@@ -32,6 +32,7 @@ from nfm_cli.steps.hessian_diag import (
     check_hessian_options,
     compute_hessian_diagonal,
 )
+from nfm_cli.steps.measure_shared import SHARED_ESTIMATORS, shared_hessians
 from nfm_cli.steps.solve import MeasureResult, check_out_path, solve_variance
 from nfm_cli.store.artifacts import read_artifact, write_artifact
 from nfm_cli.store.checkpoint import Checkpoint, checkpoint_from_artifact, load_checkpoint
@@ -104,20 +105,21 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
         return _finished(out, ck, options, rivals, samples, seed, device, progress)
     dev = resolve_device(device)
     paths = intermediate_paths(out, precision)
-    hessians = {}
-    for loss, path in paths.items():
-        hessians[loss] = compute_hessian_diagonal(ck, path, loss=loss, estimator=estimator, probes=probes,
-                                 samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
-                                 force=force, finite_diff_scale=finite_diff_scale, progress=progress,
-                                 save_every_seconds=save_every_seconds)
-    # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm and the solve
-    # (cheap next to them) run on rank 0 alone while the others wait, then every rank returns the result.
+    hessian_options = dict(estimator=estimator, samples=samples, batch_size=batch_size, seed=seed, device=str(dev),
+                           force=force, save_every_seconds=save_every_seconds, progress=progress)
+    shared = shared_hessians(ck, paths, **hessian_options)          # one forward pass for both and Fisher-Rao
+    if shared is None:
+        hessians, fisher = _hessians_one_after_the_other(ck, paths, probes, finite_diff_scale, hessian_options), None
+    else:
+        hessians, fisher = shared
+    # Under torchrun every rank helped with the Hessian files above; the Fisher-Rao norm (when not shared)
+    # and the solve (cheap next to them) run on rank 0 alone while the others wait, then every rank returns.
     ctx, rank_dev = distributed.setup(dev)
     failed = 0
     try:
         if ctx.is_main:
-            fisher = fisher_rao_norm_of_checkpoint(ck, device=rank_dev, samples=samples, seed=seed,
-                                                   progress=progress)
+            if fisher is None:
+                fisher = _fisher_rao(ck, estimator, hessians["normalized-ce"], rank_dev, samples, seed, progress)
             extra = _rival_result(ck, samples, seed, rank_dev, progress) if rivals else None
             # the solve reads the float32 weights as trained: the same loaded file, rebuilt if needed
             solve_ck = ck if ck.dtype == torch.float32 else checkpoint_from_artifact(ck.artifact)
@@ -142,6 +144,26 @@ def measure_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | N
             path.unlink(missing_ok=True)
     result.intermediates = list(paths.values()) if keep_intermediate else []
     return result
+
+
+def _hessians_one_after_the_other(ck: Checkpoint, paths: dict[str, Path], probes: int, finite_diff_scale: float,
+                                  options: dict[str, Any]) -> dict[str, HessianDiagonal]:
+    """The two diagonals by two ``compute_hessian_diagonal`` runs (stochastic estimators, or files started
+    otherwise than by the shared run)."""
+    return {loss: compute_hessian_diagonal(ck, path, loss=loss, probes=probes, finite_diff_scale=finite_diff_scale,
+                                           **options) for loss, path in paths.items()}
+
+
+def _fisher_rao(ck: Checkpoint, estimator: str, hessian: HessianDiagonal, device, samples, seed,
+                progress: ProgressFn) -> float:
+    """Eq. (25) when the shared run did not compute it: for exact and ggn with the Hessian's batch size and
+    plan, so that the value is the shared run's bit for bit (a measure killed after both files were
+    complete gives the same number); else as ``fisher_rao_norm_of_checkpoint`` chooses."""
+    if estimator not in SHARED_ESTIMATORS:
+        return fisher_rao_norm_of_checkpoint(ck, device=device, samples=samples, seed=seed, progress=progress)
+    plan = estimator_class(estimator).plan(ck.model)
+    return fisher_rao_norm_of_checkpoint(ck, device=device, samples=samples, seed=seed, progress=progress,
+                                         batch_size=int(hessian.config["batch_size"]), method="rules", plan=plan)
 
 
 def _finished(out: Path, ck: Checkpoint, options: dict[str, Any], rivals: bool, samples, seed, device,

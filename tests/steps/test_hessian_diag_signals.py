@@ -112,21 +112,22 @@ def test_sigterm_saves_and_the_rerun_continues_bit_identically(tiny_checkpoint, 
 
 @pytest.mark.integration
 def test_sigint_during_measure_saves_and_the_rerun_finishes(tiny_checkpoint, tmp_path, references):
-    """Ctrl-C in the second Hessian (ce) of a measure: the first is complete, the second saved."""
+    """Ctrl-C in measure's shared run (both Hessians and Fisher-Rao from one forward per batch,
+    steps/measure_shared.py): its state is saved in the normalized-ce file, the ce file not yet written."""
     out = tmp_path / "run.measures.safetensors"
     argv = ["measure", str(tiny_checkpoint), "--out", str(out), "--estimator", "exact", "--batch-size", "16",
             "--device", "cpu", "--json"]
-    pause = 9 + 3                                        # 9 reports for normalized-ce (0..8 units), then ce: 2 units
+    pause = 3                                            # reports 1..3: 0, 1, 2 of 8 units done
     code, err, seen = signal_at(argv, pause, signal.SIGINT)
     assert code == 130, err
     lines = err.strip().splitlines()
+    first = tmp_path / "run.measures.hdiag-normalized-ce.safetensors"
     ce = tmp_path / "run.measures.hdiag-ce.safetensors"
-    assert len(lines) == 1 and "interrupted by SIGINT" in lines[0] and f"3 of 8 units of {ce} are saved" in lines[0]
-    assert seen[-1] == (pause, 2) and not out.exists()
-    assert read_artifact(ce).meta["progress"]["units_done"] == 3
-    assert read_artifact(tmp_path / "run.measures.hdiag-normalized-ce.safetensors").meta["progress"]["complete"]
+    assert len(lines) == 1 and "interrupted by SIGINT" in lines[0] and f"3 of 8 units of {first} are saved" in lines[0]
+    assert seen[-1] == (pause, 2) and not out.exists() and not ce.exists()
+    assert read_artifact(first).meta["progress"]["units_done"] == 3
     again = rerun(argv)
-    assert [u for _, u in again] == list(range(3, 9))   # normalized-ce is complete: only ce's last 5 units
+    assert [u for _, u in again] == list(range(3, 9))   # only the last 5 units of the shared run
     got_t, got_m = read_safetensors(out)
     want_t, want_m = read_safetensors(references["measures"])
     assert got_m["nfm.result"] == want_m["nfm.result"] and got_m["nfm.config"] == want_m["nfm.config"]
