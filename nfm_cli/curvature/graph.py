@@ -465,6 +465,16 @@ def _per_sample_use(node: fx.Node, model: nn.Module, input_dependent: set[fx.Nod
     if not allowed:
         raise unsupported(path, owner, f"passes parameters to {qualified(node.target)}, an operation without "
                                        "a rule")
+    names = sorted(set().union(*(parameters_of.get(n, set()) for n in node.all_input_nodes)))
+    seeds, make = recomputed_rule(model, node, lambda n: n is not node and n in input_dependent, names)
+    return Use(node.name, path, owner, qualified(node.target), {n: n for n in names}, make,
+               seeds=[s.name for s in seeds])
+
+
+def recomputed_rule(model: nn.Module, end: fx.Node, is_seed, names: list[str]):
+    """(seeds, make): the nodes ``end`` is recomputed from (the first ones met walking back from it for
+    which ``is_seed`` holds: input-dependent values outside the recomputed part) and a rule factory
+    whose PerSampleRule recomputes ``end`` from them and the parameters ``names``, per sample."""
     order: list[fx.Node] = []
     seeds: list[fx.Node] = []
     seen: set[fx.Node] = set()
@@ -473,23 +483,21 @@ def _per_sample_use(node: fx.Node, model: nn.Module, input_dependent: set[fx.Nod
         if n in seen:
             return
         seen.add(n)
-        if n is not node and n in input_dependent:
+        if is_seed(n):
             seeds.append(n)
             return
         for m in n.all_input_nodes:
             visit(m)
         order.append(n)
-    visit(node)
-    names = sorted(set().union(*(parameters_of.get(n, set()) for n in node.all_input_nodes)))
+    visit(end)
 
     def make(args, kwargs, values, budget):
         def function(params, *tensors):
             env = evaluate(order, dict(zip(seeds, tensors, strict=True)), model, params)
-            return tensor_outputs(env[node])
+            return tensor_outputs(env[end])
         named = dict(model.named_parameters())
         return PerSampleRule(function, {n: named[n] for n in names}, [values[s.name] for s in seeds])
-    return Use(node.name, path, owner, qualified(node.target), {n: n for n in names}, make,
-               seeds=[s.name for s in seeds])
+    return seeds, make
 
 
 def _produces_constant(node: fx.Node) -> bool:

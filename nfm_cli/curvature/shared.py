@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from nfm_cli.curvature.graph import Use, evaluate, tensor_outputs, unsupported, where
-from nfm_cli.curvature.rules import PerSampleRule
+from nfm_cli.curvature.graph import Use, recomputed_rule, unsupported, where
 
 
 def _groups(uses: list[Use]) -> list[list[Use]]:
@@ -96,30 +95,9 @@ def _region_use(model: nn.Module, nodes: dict[str, fx.Node], group: list[Use], i
 
 def _merged(model: nn.Module, group: list[Use], last: fx.Node, region: set[fx.Node],
             input_dependent: set[fx.Node]) -> Use:
-    order: list[fx.Node] = []
-    seeds: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-
-    def visit(n: fx.Node) -> None:
-        if n in seen:
-            return
-        seen.add(n)
-        if n not in region and n in input_dependent:
-            seeds.append(n)
-            return
-        for m in n.all_input_nodes:
-            visit(m)
-        order.append(n)
-    visit(last)
     names = sorted(set().union(*(set(u.params.values()) for u in group)))
     path, owner = where(last, model)
-
-    def make(args, kwargs, values, budget):
-        def function(params, *tensors):
-            env = evaluate(order, dict(zip(seeds, tensors, strict=True)), model, params)
-            return tensor_outputs(env[last])
-        named = dict(model.named_parameters())
-        return PerSampleRule(function, {n: named[n] for n in names}, [values[s.name] for s in seeds])
+    seeds, make = recomputed_rule(model, last, lambda n: n not in region and n in input_dependent, names)
     modules = {id(u.module) for u in group}
     if len(modules) == 1 and group[0].module is not None:
         operation = f"{group[0].operation} called more than once per forward pass (shared parameters)"
