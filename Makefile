@@ -41,9 +41,10 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --
 test: install
 	$(PYTHON) -m pytest -q $(XDIST)
 
-# The same minus the `integration` tests (torchrun processes, SIGKILLed runs): the quick loop while editing.
+# The same minus the `integration` tests (torchrun processes, SIGKILLed runs) and the `heavy` ones (large-model
+# oracles, many-mutant fuzz kinds, plots): the quick loop while editing.
 test-fast: install
-	$(PYTHON) -m pytest -q $(XDIST) -m "not slow and not integration"
+	$(PYTHON) -m pytest -q $(XDIST) -m "not slow and not integration and not heavy"
 
 # pyflakes, import order, docstrings on public functions (config: pyproject.toml [tool.ruff]).
 lint: install

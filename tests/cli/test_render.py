@@ -85,6 +85,7 @@ def test_per_layer_trace_column_names_its_loss(cli, tmp_path, tiny_checkpoint):
     assert "trace (ce loss)" in res.err
 
 
+@pytest.mark.heavy
 def test_plot_flags_draw_the_runs_values(cli, tmp_path, monkeypatch):
     """``nfm report --plot`` with each x-axis flag: every figure it saves is read back through its
     matplotlib objects (the scatter's points, the x scale), against the runs' own numbers."""

@@ -103,6 +103,7 @@ def test_exact_refuses_a_layer_called_twice():
         exact_diagonal(model, torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.int64), "ce")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_hutchinson_converges_to_exact(loss):
     model, x, y = tiny_case("mlp", n=32)
@@ -117,6 +118,7 @@ def test_hutchinson_converges_to_exact(loss):
     assert set(many.metrics["trace_stderr"]) == set(exact)
 
 
+@pytest.mark.heavy
 def test_finite_differences_converge_to_exact_without_kinks():
     """Algorithm 1 (eq. 61). Its radius must be small enough not to cross ReLU kinks (see stochastic.py)."""
     model, x, y = tiny_case("mlp", n=32)

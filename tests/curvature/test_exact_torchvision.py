@@ -43,7 +43,8 @@ def build(name: str) -> torch.nn.Module:
         return randomize_batchnorm(model.double()).eval()
 
 
-@pytest.fixture(scope="module", params=["resnet18", "vgg11_bn", "mobilenet_v2"])
+@pytest.fixture(scope="module", params=["resnet18", pytest.param("vgg11_bn", marks=pytest.mark.heavy),
+                                                pytest.param("mobilenet_v2", marks=pytest.mark.heavy)])
 def case(request):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
@@ -74,7 +75,8 @@ def test_exact_matches_the_double_backward_oracle(case, loss):
         assert torch.allclose(got, entries, rtol=1e-6, atol=1e-12 * scale), (name, param, got, entries)
 
 
-@pytest.mark.parametrize("name", [pytest.param("resnet34", marks=pytest.mark.slow), "resnet50"])
+@pytest.mark.parametrize("name", [pytest.param("resnet34", marks=pytest.mark.slow),
+                                  pytest.param("resnet50", marks=pytest.mark.heavy)])
 def test_deeper_resnets_match_the_oracle(name):
     """resnet50's bottleneck blocks (1x1-3x3-1x1 convs, a projection shortcut per stage) and resnet34's
     depth: accepted, and their exact diagonal is the oracle's at the first and last tensors, the first

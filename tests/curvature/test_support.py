@@ -96,7 +96,7 @@ def test_a_refused_block_is_named_by_its_path():
         check_exact_supported(model)
 
 
-@pytest.mark.parametrize("build", [squared_model, gelu_model])
+@pytest.mark.parametrize("build", [squared_model, pytest.param(gelu_model, marks=pytest.mark.heavy)])
 def test_refused_models_are_measured_by_hutchinson(build):
     """SquaredLinear and GELU are not piecewise linear: hutchinson converges to the dense Hessian."""
     torch.manual_seed(0)

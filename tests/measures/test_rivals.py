@@ -79,7 +79,7 @@ def expected_accuracy(model, x, y, sigma, eps=None):
     return float((cdf.prod(axis=2) @ wq).mean() / math.sqrt(2 * math.pi))
 
 
-@pytest.mark.parametrize("magnitude", [False, True])
+@pytest.mark.parametrize("magnitude", [False, pytest.param(True, marks=pytest.mark.heavy)])
 def test_pacbayes_sigma_matches_the_closed_form_expectation(magnitude):
     model, x, y = linear_problem()
     ev = Evaluator(model, x, y)

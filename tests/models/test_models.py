@@ -83,7 +83,7 @@ def test_lenet_refuses_other_image_sizes():
         models.build("lenet", image_size=64)
 
 
-@pytest.mark.parametrize("model", ["mlp", "lenet", "wrn16-4", "vit-tiny"])
+@pytest.mark.parametrize("model", ["mlp", "lenet", pytest.param("wrn16-4", marks=pytest.mark.heavy), "vit-tiny"])
 def test_checkpoint_rebuilds_its_own_model(tmp_path, model):
     overrides = dict(model=model, epochs=1, train_size=32, test_size=16, batch_size=16)
     if model != "mlp":

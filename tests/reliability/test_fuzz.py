@@ -358,6 +358,7 @@ def _known_bug(err: str) -> bool:
     return any(fragment in err for fragment in KNOWN_BUGS)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind", KINDS)
 def test_fuzz_readers(cli, sources, tmp_path, kind):
     stats = run_fuzz(cli, sources, tmp_path, kind, count=30, seed=0)   # make fuzz: 1000 per kind

@@ -160,6 +160,7 @@ def test_write_csv_columns_and_values(tmp_path):
 
 # --- plots ------------------------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_scatter_plots_decode_with_the_expected_size(tmp_path):
     from matplotlib.image import imread
 
@@ -207,6 +208,7 @@ def test_cli_report_all_bad_is_one_error_line(cli, tmp_path):
     assert len(res.err.strip().splitlines()) == 1
 
 
+@pytest.mark.heavy
 def test_cli_report_json_csv_plot_and_group_by(cli, tmp_path):
     good = sweep(tmp_path, n=4, models=("mlp", "lenet"))
     plots, table = tmp_path / "figs", tmp_path / "runs.csv"

@@ -98,6 +98,7 @@ def trained_resnet18():
     return _train_steps(torchvision.models.resnet18(num_classes=10), x[:16], y[:16], steps=2), x, y
 
 
+@pytest.mark.heavy
 def test_torchvision_resnet18_from_pt_with_module_prefix_and_from_safetensors(cli, tmp_path, trained_resnet18):
     model, x_all, y_all = trained_resnet18
     data = tmp_path / "data.safetensors"

@@ -74,7 +74,7 @@ def test_hessian_of_another_checkpoint_is_refused(cli, trained, tmp_path):
 
 
 @pytest.mark.parametrize("run, mode", [("mlp", "layer"), ("mlp", "neuron"), ("lenet", "layer"),
-                                       ("lenet", "neuron"), ("wrn", "bn")])
+                                       ("lenet", "neuron"), pytest.param("wrn", "bn", marks=pytest.mark.heavy)])
 def test_invariance_end_to_end(cli, trained, tmp_path, run, mode):
     """After nfm rescale, normalized sharpness is unchanged (< 1e-6 relative; measured in float64:
     in float32 the WRN's rounding alone moves it by ~1e-5) while the Hessian
