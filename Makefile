@@ -41,8 +41,8 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --
 test: install
 	$(PYTHON) -m pytest -q $(XDIST)
 
-# The same minus the `integration` tests (torchrun processes, SIGKILLed runs) and the `heavy` ones (large-model
-# oracles, many-mutant fuzz kinds, plots): the quick loop while editing.
+# The same minus the `integration` tests (torchrun processes, SIGKILLed runs) and the `heavy` ones (1.5 s or more
+# in process: large-model oracles, fuzz-reader kinds, plots, stochastic convergence): the quick loop while editing.
 test-fast: install
 	$(PYTHON) -m pytest -q $(XDIST) -m "not slow and not integration and not heavy"
 
