@@ -30,6 +30,9 @@ from nfm_cli.curvature.conv_routes import (
     ConvShape,
     PositionPairSums,
     choose_route,
+    output_positions,
+    stacks_directions,
+    unfold_columns,
 )
 from nfm_cli.runtime.memory import available_bytes
 
@@ -160,10 +163,11 @@ class LinearRule(LayerRule):
 
 class ConvRule(LayerRule):
     """nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups, padding mode), by the cheaper of the
-    per-sample and position-pair routes (``conv_routes.py``), chosen per layer at the first direction."""
+    per-sample and position-pair routes (``conv_routes.py``), chosen per layer at the first direction;
+    the directions stacked or one by one by the number of output positions (``stacks_directions``)."""
 
     forced_route: str | None = None         # tests and benchmarks: one route for every layer
-    stacks = True
+    forced_stacks: bool | None = None       # tests and benchmarks: stacked or one by one for every layer
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, layer_input: torch.Tensor, budget: CacheBudget):
         self.budget = budget
@@ -191,9 +195,11 @@ class ConvRule(LayerRule):
         self.weight_diag = torch.zeros(groups, out_ch // groups, weight[0].numel(),
                                        dtype=weight.dtype, device=weight.device)
         self.bias_diag = torch.zeros_like(module.bias) if module.bias is not None else None
+        positions = output_positions(tuple(layer_input.shape[-2:]), **self.unfold_args)
+        self.stacks = stacks_directions(positions) if self.forced_stacks is None else self.forced_stacks
 
     def _columns(self, part: slice) -> torch.Tensor:
-        cols = F.unfold(self.input[part], **self.unfold_args)                              # [c, G*i*k, L]
+        cols = unfold_columns(self.input[part], **self.unfold_args)                        # [c, G*i*k, L]
         return cols.reshape(cols.shape[0], self.groups, -1, cols.shape[-1])                # [c, G, i*k, L]
 
     def add_batch(self, grad, sign):

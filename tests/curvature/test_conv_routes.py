@@ -5,7 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from nfm_cli.curvature.conv_routes import PER_SAMPLE, POSITION_PAIR, ConvShape, choose_route
+import torch.nn.functional as F
+
+from nfm_cli.curvature.conv_routes import (
+    PER_SAMPLE,
+    POSITION_PAIR,
+    STACK_POSITIONS,
+    ConvShape,
+    choose_route,
+    output_positions,
+    unfold_columns,
+)
 from nfm_cli.curvature.exact import exact_diagonal
 from nfm_cli.curvature.rules import CacheBudget, ConvRule
 from tests.conftest import dense_diagonal, max_relative_error
@@ -31,8 +41,15 @@ def conv1d():
                          nn.Flatten(), nn.Linear(16, 4))
 
 
+def many_positions():
+    """A first layer with 18x18 = 324 output positions (more than STACK_POSITIONS: directions one by one),
+    then 3x3 (stacked)."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=2), nn.ReLU(), nn.Conv2d(2, 3, 4, stride=6), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(27, 4))
+
+
 CASES = {"strided-dilated-grouped": (strided_dilated_grouped, (2, 6, 6)), "2x2-and-1x1": (small_outputs, (2, 4, 4)),
-         "conv1d": (conv1d, (2, 8))}
+         "conv1d": (conv1d, (2, 8)), "many-positions": (many_positions, (1, 16, 16))}
 
 
 def case(name, n=6):
@@ -61,6 +78,35 @@ def test_both_routes_equal_the_dense_hessian_diagonal(name, loss, monkeypatch, o
     assert max_relative_error(pairs, per_sample) <= 1e-10
     automatic = diagonal_by(None, monkeypatch, model, x, y, loss)
     assert max_relative_error(automatic, dense) <= 1e-10
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_stacked_and_one_by_one_directions_equal_the_dense_hessian_diagonal(stacked, monkeypatch, one_thread):
+    model, x, y = case("many-positions")
+    dense = dense_diagonal(model, x, y, "normalized-ce")
+    monkeypatch.setattr(ConvRule, "forced_stacks", stacked)
+    assert max_relative_error(exact_diagonal(model, x, y, "normalized-ce", batch_size=4), dense) <= 1e-10
+
+
+def test_directions_are_stacked_by_the_number_of_output_positions():
+    model, x, _ = case("many-positions")
+    first = ConvRule(model[0], x, CacheBudget(1 << 20, 9))
+    second = ConvRule(model[2], torch.relu(model[0](x)).detach(), CacheBudget(1 << 20, 9))
+    assert model[0](x)[0, 0].numel() > STACK_POSITIONS and not first.stacks
+    assert model[2](model[0](x))[0, 0].numel() <= STACK_POSITIONS and second.stacks
+
+
+@pytest.mark.parametrize("kernel, dilation, padding, stride", [
+    ((1, 1), (1, 1), 0, (1, 1)), ((1, 1), (1, 1), 0, (2, 2)), ((3, 3), (1, 1), (1, 1), (1, 1)),
+    ((3, 3), (1, 1), (1, 1), (2, 2)), ((2, 3), (2, 1), (2, 0), (1, 3)), ((3, 3), (2, 2), (2, 2), (1, 1))])
+def test_unfold_columns_equal_torch_unfold(kernel, dilation, padding, stride):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 9, 11, generator=gen, dtype=torch.float64)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for tensor in (x, channels_last, x[:, :, 1:, 2:]):
+        expected = F.unfold(tensor, kernel, dilation=dilation, padding=padding, stride=stride)
+        assert torch.equal(unfold_columns(tensor, kernel, dilation, padding, stride), expected)
+        assert expected.shape[-1] == output_positions(tuple(tensor.shape[-2:]), kernel, dilation, padding, stride)
 
 
 def test_each_route_is_really_taken(monkeypatch):
