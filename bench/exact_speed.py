@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each child (default torch's)")
+    parser.add_argument("--touch-memory", type=float, default=8.0, metavar="GB",
+                        help="write this much memory once before the first child (bench.timing.touch_memory)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -106,7 +108,8 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.child, args.samples)))
         return
-    from bench.timing import fmt, machine
+    from bench.timing import fmt, machine, touch_memory
+    print(f"touched {args.touch_memory:g} GB of memory in {touch_memory(args.touch_memory):.1f} s", flush=True)
     results: dict = {}
     for _ in range(args.repeats):
         for model in args.models.split(","):

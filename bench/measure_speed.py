@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--folder", default="/tmp/nfm-measure-speed")
+    parser.add_argument("--touch-memory", type=float, default=8.0, metavar="GB",
+                        help="write this much memory once before the first child (bench.timing.touch_memory)")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -89,7 +91,8 @@ def main() -> None:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = make_checkpoints(folder)
-    from bench.timing import fmt, machine
+    from bench.timing import fmt, machine, touch_memory
+    print(f"touched {args.touch_memory:g} GB of memory in {touch_memory(args.touch_memory):.1f} s", flush=True)
     results: dict = {}
     for _ in range(args.repeats):
         for model in args.models.split(","):

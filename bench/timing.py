@@ -8,6 +8,7 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,23 @@ def interleaved(functions: dict[str, Callable[[], object]], repeats: int,
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def touch_memory(gigabytes: float) -> float:
+    """Write ``gigabytes`` of memory once, in a throwaway process, and free it; returns the seconds it took.
+
+    On a freshly booted virtual machine the first write to each page of guest memory is slow (seen here:
+    0.7 GB/s the first time, 2.3 GB/s after, on an 18 GB sweep), so whichever child process first needs
+    much memory pays for it and a before/after comparison is skewed. Touching the memory the benchmark's
+    children will use, once, before the first of them starts, puts every child on the same footing. A
+    separate process, so that the benchmark's own peak RSS (inherited by its children's ``ru_maxrss``)
+    stays small."""
+    if gigabytes <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    code = f"import torch; torch.ones({int(gigabytes * 2**30) // 4}, dtype=torch.float32)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t0
 
 
 def median_iqr(values: list[float]) -> tuple[float, float, float]:
