@@ -101,8 +101,8 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
     """
     probes = check_hessian_options(loss=loss, estimator=estimator, probes=probes, samples=samples,
                                    batch_size=batch_size, finite_diff_scale=finite_diff_scale)
-    out = _check_output(out)
-    ck = _complete_checkpoint(checkpoint, data_dir, out)
+    out = output_path(out)
+    ck = complete_checkpoint(checkpoint, data_dir, out)
     model = ck.model
     model.eval()
     ctx, dev = distributed.setup(resolve_device(device))    # world size 1 (no-op) without torchrun
@@ -111,14 +111,14 @@ def compute_hessian_diagonal(checkpoint: Checkpoint | str | os.PathLike, out: st
 
     x_all, y_all = ck.training_tensors(device="cpu")
     n_total = len(y_all)
-    use = _sample_count(samples, n_total)
+    use = sample_count(samples, n_total)
     estimator, why = resolve_estimator(estimator, model)    # auto: exact or ggn, said once
     if why is not None:
         note(progress, why)
     batch_size = resolve_batch_size(batch_size, out, force, model, x_all[:1], estimator, use, ctx, dev)
     config = hessian_config(loss, estimator, use, n_total, probes, seed, finite_diff_scale, batch_size)
 
-    previous = None if force or not out.exists() else _previous_run(out, config, ck.sha256)
+    previous = None if force or not out.exists() else previous_run(out, config, ck.sha256)
     if previous is not None and is_complete(previous.meta["progress"]):
         done = _as_hessian_diagonal(previous)
         done.status = "already complete"
@@ -155,7 +155,8 @@ def hessian_config(loss: str, estimator: str, use: int, n_total: int, probes: in
             "batch_size": batch_size}
 
 
-def _check_output(out: str | os.PathLike) -> Path:
+def output_path(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, refused when it is a folder or its folder does not exist (also ``measure``'s)."""
     out = Path(out)
     if out.is_dir():
         raise NfmError("output path is a directory; give a file name such as hdiag.safetensors", out)
@@ -164,7 +165,7 @@ def _check_output(out: str | os.PathLike) -> Path:
     return out
 
 
-def _complete_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir, out: Path) -> Checkpoint:
+def complete_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir, out: Path) -> Checkpoint:
     """The loaded checkpoint of a finished training run that is not ``out`` itself."""
     ck = _load_checkpoint(checkpoint, data_dir)
     if out.exists() and ck.path.exists() and os.path.samefile(out, ck.path):
@@ -177,7 +178,8 @@ def _complete_checkpoint(checkpoint: Checkpoint | str | os.PathLike, data_dir, o
     return ck
 
 
-def _sample_count(samples: int | None, n_total: int) -> int:
+def sample_count(samples: int | None, n_total: int) -> int:
+    """How many of the ``n_total`` training samples to use (``--samples``; all when None), checked."""
     if samples is None:
         return n_total
     samples = int(samples)
@@ -466,12 +468,13 @@ def _partial_batch_size(out: Path, force: bool) -> int | None:
     try:
         progress = read_artifact(out, KIND).meta.get("progress")
     except NfmError:
-        return None                 # _previous_run names the problem
+        return None                 # previous_run names the problem
     size = progress.get("batch_size") if isinstance(progress, dict) and not is_complete(progress) else None
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
 
-def _previous_run(out: Path, config: dict[str, Any], checkpoint_sha: str) -> Artifact:
+def previous_run(out: Path, config: dict[str, Any], checkpoint_sha: str) -> Artifact:
+    """The hessian-diag artifact already at ``out``, checked to be of this run (``config``, checkpoint)."""
     hint = "use --force to overwrite it or choose another --out"
     try:
         art = read_artifact(out)

@@ -100,8 +100,8 @@ def shared_hessians(ck: Checkpoint, paths: dict[str, Path], *, estimator: str, s
     shared run does not apply (module docstring): the caller then runs them one after the other."""
     if estimator not in SHARED_ESTIMATORS:
         return None
-    outs = {loss: hd._check_output(paths[loss]) for loss in LOSSES}
-    ck = hd._complete_checkpoint(ck, None, outs[LOSSES[0]])
+    outs = {loss: hd.output_path(paths[loss]) for loss in LOSSES}
+    ck = hd.complete_checkpoint(ck, None, outs[LOSSES[0]])
     if not force and outs[LOSSES[1]].exists():
         return None
     model = ck.model
@@ -110,7 +110,7 @@ def shared_hessians(ck: Checkpoint, paths: dict[str, Path], *, estimator: str, s
     if not ctx.is_main:
         progress = None
     x_all, y_all = ck.training_tensors(device="cpu")
-    use = hd._sample_count(samples, len(y_all))
+    use = hd.sample_count(samples, len(y_all))
     batch_size = hd.resolve_batch_size(batch_size, outs[LOSSES[0]], force, model, x_all[:1], estimator, use, ctx, dev)
     metas = {loss: _meta(ck, hd.hessian_config(loss, estimator, use, len(y_all), None, seed, 0.0, batch_size), dev)
              for loss in LOSSES}
@@ -142,7 +142,7 @@ def _shared_partial(out: Path, meta: dict[str, Any], ck: Checkpoint, force: bool
     something else (complete, or partial without the shared state), for the one-after-the-other path."""
     if force or not out.exists():
         return None
-    previous = hd._previous_run(out, meta["config"], ck.sha256)
+    previous = hd.previous_run(out, meta["config"], ck.sha256)
     if is_complete(previous.meta["progress"]):
         return False
     if not any(name.startswith("state." + FISHER) for name in previous.tensors):
