@@ -14,6 +14,7 @@ from nfm_cli.cli import WORKFLOW, command
 from nfm_cli.cli.options import Json, Quiet, positive
 from nfm_cli.cli.render import console, plural, print_json, progress_bar, score
 from nfm_cli.measures.registry import summary_keys
+from nfm_cli.steps.report import ReportRequest, build_report
 from nfm_cli.store.train_config import GROUP_FIELDS
 
 
@@ -71,8 +72,10 @@ def report_command(
     check_group_by(groups)
     check_outputs(plot, csv_path)
     x_scale = "log" if log_x else ("real" if real_x else "rescaled")
-    runs, skipped, measures, table, plots = _correlate(files, measures, y, groups, max_train_loss, protocol,
-                                                       bootstrap, plot, x_scale, quiet)
+    request = ReportRequest(files, measures, y, groups, max_train_loss, protocol, bootstrap, plot, x_scale)
+    with progress_bar(quiet or not console.is_terminal) as on_event:
+        report = build_report(request, progress=on_event)
+    runs, skipped, measures, table, plots = report.runs, report.skipped, report.measures, report.table, report.plots
     written_csv = write_csv(runs, csv_path) if csv_path is not None else None
 
     for path, reason in skipped:
@@ -86,33 +89,6 @@ def report_command(
         return
     _print_tables(runs, table, measures, groups, y, protocol, per_run)
     _print_notes(runs, files, skipped, plots, plot, written_csv)
-
-
-def _correlate(files, measures, y, groups, max_train_loss, protocol, bootstrap, plot, x_scale, quiet):
-    """Runs read from ``files``, the skipped ones with reasons, the measures correlated (``measures``, or
-    by default those of ``default_measures``), the correlation table (with the protocol scores if asked)
-    and the plots written, under one progress bar."""
-    from nfm_cli.report.correlations import (
-        add_protocol,
-        correlation_table,
-        default_measures,
-        drop_unconverged,
-        load_runs,
-    )
-    with progress_bar(quiet or not console.is_terminal) as on_event:
-        runs, skipped = load_runs(files, y=y, progress=on_event)
-        if max_train_loss is not None:
-            runs, dropped = drop_unconverged(runs, max_train_loss)
-            skipped += dropped
-        measures = measures or default_measures(runs)
-        table = correlation_table(runs, measures, y=y, group_by=groups)
-        if protocol:
-            add_protocol(table, runs, measures, y=y, group_by=groups, bootstrap=bootstrap, progress=on_event)
-        plots: list[Path] = []
-        if plot is not None:
-            from nfm_cli.report.plots import scatter_plots  # matplotlib only when plotting
-            plots = scatter_plots(runs, measures, plot, y=y, group_by=groups, progress=on_event, x_scale=x_scale)
-    return runs, skipped, measures, table, plots
 
 
 RUN_COLUMNS = ("random_ratio", "train_acc", "test_acc")
