@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from nfm_cli.curvature.conv_routes import (
     PER_SAMPLE,
