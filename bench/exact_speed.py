@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,19 +106,15 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.child, args.samples)))
         return
-    from bench.timing import fmt, machine, touch_memory
+    from bench.timing import child_row, fmt, machine, touch_memory
     print(f"touched {args.touch_memory:g} GB of memory in {touch_memory(args.touch_memory):.1f} s", flush=True)
     results: dict = {}
     for _ in range(args.repeats):
         for model in args.models.split(","):
             for label, root in (("before", args.before), ("after", args.after)):
-                path = os.pathsep.join([os.path.abspath(root), os.environ.get("PYTHONPATH", "")])
-                env = {**os.environ, "PYTHONPATH": path}
-                child = [sys.executable, __file__, "--before", args.before, "--child", model,
-                         "--samples", str(args.samples)] + (["--threads", str(args.threads)] if args.threads else [])
-                out = subprocess.run(child, env=env, check=True, capture_output=True, text=True)
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                row["load"] = os.getloadavg()[0]
+                argv = ["--before", args.before, "--child", model, "--samples", str(args.samples)] + (
+                    ["--threads", str(args.threads)] if args.threads else [])
+                row = child_row(__file__, root, argv)
                 results.setdefault((model, label), []).append(row)
                 print(model, label, row, flush=True)
     print(machine())

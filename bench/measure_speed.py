@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,20 +90,16 @@ def main() -> None:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = make_checkpoints(folder)
-    from bench.timing import fmt, machine, touch_memory
+    from bench.timing import child_row, fmt, machine, touch_memory
     print(f"touched {args.touch_memory:g} GB of memory in {touch_memory(args.touch_memory):.1f} s", flush=True)
     results: dict = {}
     for _ in range(args.repeats):
         for model in args.models.split(","):
             for label, root in (("before", args.before), ("after", args.after)):
                 for step in ("hessian-diag", "measure"):
-                    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(root),
-                                                                        os.environ.get("PYTHONPATH", "")])}
-                    argv = [sys.executable, __file__, "--before", args.before, "--threads", str(args.threads),
-                            "--folder", args.folder, "--child", step, str(paths[model])]
-                    out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
-                    row = json.loads(out.stdout.strip().splitlines()[-1])
-                    row["load"] = os.getloadavg()[0]
+                    argv = ["--before", args.before, "--threads", str(args.threads), "--folder", args.folder,
+                            "--child", step, str(paths[model])]
+                    row = child_row(__file__, root, argv)
                     results.setdefault((model, label, step), []).append(row)
                     print(model, label, step, row, flush=True)
     print(machine())

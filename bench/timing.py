@@ -3,6 +3,7 @@ machine and package versions, and replacing a script's own section of BENCHMARKS
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -50,6 +51,18 @@ def touch_memory(gigabytes: float) -> float:
     code = f"import torch; torch.ones({int(gigabytes * 2**30) // 4}, dtype=torch.float32)"
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - t0
+
+
+def child_row(script: str, code_root: str, argv: list[str]) -> dict:
+    """Run ``script`` with ``argv`` in a fresh Python whose ``nfm_cli`` comes from ``code_root`` (put first on
+    PYTHONPATH: a "before" or "after" copy of the package), and return the JSON object it prints last,
+    with the 1-minute load average at its end added as ``load``."""
+    path = os.pathsep.join([os.path.abspath(code_root), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, script, *argv], env={**os.environ, "PYTHONPATH": path}, check=True,
+                         capture_output=True, text=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["load"] = os.getloadavg()[0]
+    return row
 
 
 def median_iqr(values: list[float]) -> tuple[float, float, float]:
