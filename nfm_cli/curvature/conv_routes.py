@@ -71,7 +71,8 @@ def output_positions(spatial: tuple[int, ...], kernel_size, dilation, padding, s
 def unfold_columns(x: torch.Tensor, kernel_size, dilation, padding, stride) -> torch.Tensor:
     """``F.unfold(x, ...)`` of a 4-D input, [B, C * kh * kw, L] in the same order, from one strided view of
     the zero-padded input (a single copy; no copy at all for a 1x1 kernel at stride 1 without padding).
-    Faster than ``F.unfold``'s im2col on the CPU (1.3-2.5x on WRN-16-4's and resnet18's layers)."""
+    Against ``F.unfold``'s im2col on the CPU (one thread, 32 samples): 1.35x faster for a 3x3 kernel on 64
+    channels at 32x32 and on 128 at 16x16, 2.5x at stride 2, ~15% slower on 256 channels at 8x8."""
     pads = (padding, padding) if isinstance(padding, int) else tuple(padding)
     if any(pads):
         x = torch.nn.functional.pad(x, (pads[1], pads[1], pads[0], pads[0]))

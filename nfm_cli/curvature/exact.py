@@ -21,10 +21,11 @@ H = sum_{k<K} lambda_k q_k q_k^T (eigendecomposition in that subspace, ``torch.l
 One forward pass per batch, then K-1 backward passes of the v_k (gradients with respect to the
 outputs of the parameterised layers only: no weight gradients are formed by autograd). Each layer
 turns the output gradients g_k and its input a into its diagonal (a ``LayerRule``, ``rules.py``); the
-rules built on matrix products (conv, linear on sequences, per-sample) take the K-1 gradients stacked
-[K-1, B, ...] at once (``LayerRule.add_batch``: one product over all directions per sample instead of
-K-1 small ones), in groups that fit the free memory (``direction_group``); the elementwise ones take
-each direction as it comes. (Batching the backward passes themselves, ``is_grads_batched``, was
+rules built on matrix products (conv up to 256 output positions, ``conv_routes.stacks_directions``;
+linear on sequences; per-sample) take the K-1 gradients stacked [K-1, B, ...] at once
+(``LayerRule.add_batch``: one product over all directions per sample instead of K-1 small ones), in
+groups that fit the free memory (``direction_group``); the elementwise ones, and convs with more
+positions, take each direction as it comes. (Batching the backward passes themselves, ``is_grads_batched``, was
 measured: on the CPU no faster than K-1 passes, the conv backward's batching rule loops over them.)
 ``layer_square_sums`` is that machinery for any set of directions; the Fisher-Rao norm uses it with
 the loss gradient as the single direction.
