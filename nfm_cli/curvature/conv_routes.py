@@ -28,6 +28,7 @@ stacked (one product over all of them) or one by one as their backward passes en
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -58,14 +59,17 @@ def stacks_directions(positions: int) -> bool:
     return positions <= STACK_POSITIONS
 
 
-def output_positions(spatial: tuple[int, ...], kernel_size, dilation, padding, stride) -> int:
-    """Output positions of a convolution of an input of spatial shape ``spatial`` (arguments per dimension;
-    ``padding`` an int or one per dimension)."""
+def output_shape(spatial: tuple[int, ...], kernel_size, dilation, padding, stride) -> tuple[int, ...]:
+    """Output spatial shape of a convolution of an input of spatial shape ``spatial`` (arguments per
+    dimension; ``padding`` an int or one per dimension)."""
     pads = (padding,) * len(spatial) if isinstance(padding, int) else tuple(padding)
-    positions = 1
-    for size, k, d, p, s in zip(spatial, kernel_size, dilation, pads, stride, strict=True):
-        positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
-    return positions
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, d, p, s in zip(spatial, kernel_size, dilation, pads, stride, strict=True))
+
+
+def output_positions(spatial: tuple[int, ...], kernel_size, dilation, padding, stride) -> int:
+    """Number of output positions L (the product of ``output_shape``)."""
+    return math.prod(output_shape(spatial, kernel_size, dilation, padding, stride))
 
 
 def unfold_columns(x: torch.Tensor, kernel_size, dilation, padding, stride) -> torch.Tensor:
@@ -76,9 +80,8 @@ def unfold_columns(x: torch.Tensor, kernel_size, dilation, padding, stride) -> t
     pads = (padding, padding) if isinstance(padding, int) else tuple(padding)
     if any(pads):
         x = torch.nn.functional.pad(x, (pads[1], pads[1], pads[0], pads[0]))
-    batch, channels, height, width = x.shape
-    out_h = (height - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    batch, channels = x.shape[:2]
+    out_h, out_w = output_shape(tuple(x.shape[-2:]), kernel_size, dilation, 0, stride)   # padded already
     sb, sc, sh, sw = x.stride()
     windows = x.as_strided((batch, channels, kernel_size[0], kernel_size[1], out_h, out_w),
                            (sb, sc, sh * dilation[0], sw * dilation[1], sh * stride[0], sw * stride[1]))
@@ -170,4 +173,4 @@ class PositionPairSums:
 
 
 __all__ = ["PER_SAMPLE", "PER_SAMPLE_CHUNK_ELEMENTS", "POSITION_PAIR", "STACK_POSITIONS", "ConvShape", "choose_route",
-           "PositionPairSums", "output_positions", "stacks_directions", "unfold_columns"]
+           "PositionPairSums", "output_positions", "output_shape", "stacks_directions", "unfold_columns"]
